@@ -27,10 +27,20 @@ def as_tensor(t, dtype=torch.float64) -> Tensor:
     return t if isinstance(t, Tensor) else torch.as_tensor(t, dtype=dtype)
 
 
-def _fmt(values: Tensor) -> str:
+def fmt(values: Tensor) -> str:
+    """The first few values of a tensor, for error messages."""
     v = values.detach().flatten()
     shown = ", ".join(f"{x:.6g}" for x in v[:3].tolist())
     return shown + (", ..." if v.numel() > 3 else "")
+
+
+def check_sigma(sigma) -> Tensor:
+    """sigma as a tensor (numbers become float64); ValueError if any value is negative or NaN."""
+    s = as_tensor(sigma)
+    bad = torch.isnan(s) | (s < 0)
+    if bool(bad.any()):
+        raise ValueError(f"sigma={fmt(s[bad])} is invalid: a noise level must be >= 0")
+    return s
 
 
 class Schedule:
@@ -49,7 +59,7 @@ class Schedule:
         bad = torch.isnan(t) | (t < self.t_min) | (t > self.t_max)
         if bool(bad.any()):
             raise ValueError(
-                f"t={_fmt(t[bad])} is outside the time domain [{self.t_min:g}, {self.t_max:g}] "
+                f"t={fmt(t[bad])} is outside the time domain [{self.t_min:g}, {self.t_max:g}] "
                 f"of the {self.name} schedule"
             )
         return t
@@ -96,9 +106,7 @@ class Schedule:
 
     def t_from_sigma_tilde(self, sigma_tilde) -> Tensor:
         """Inverse of `sigma_tilde`; sigma~ must be >= 0."""
-        s = as_tensor(sigma_tilde)
-        if bool((torch.isnan(s) | (s < 0)).any()):
-            raise ValueError(f"sigma={_fmt(s[torch.isnan(s) | (s < 0)])} is invalid: a noise level must be >= 0")
+        s = check_sigma(sigma_tilde)
         return self._check_t_result(self._t_from_logsnr(-2 * torch.log(s)), "sigma", s)
 
     def _check_t_result(self, t: Tensor, what: str, value: Tensor) -> Tensor:
@@ -106,8 +114,8 @@ class Schedule:
         bad = torch.isnan(t) | (t < self.t_min - tol) | (t > self.t_max + tol)
         if bool(bad.any()):
             raise ValueError(
-                f"{what}={_fmt(value[bad])} is outside the range of the {self.name} schedule "
-                f"(t would be {_fmt(t[bad])}, allowed [{self.t_min:g}, {self.t_max:g}])"
+                f"{what}={fmt(value[bad])} is outside the range of the {self.name} schedule "
+                f"(t would be {fmt(t[bad])}, allowed [{self.t_min:g}, {self.t_max:g}])"
             )
         return t.clamp(self.t_min, self.t_max)
 
@@ -169,7 +177,7 @@ class DiscreteVP(VPSchedule):
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         if bool(((betas <= 0) | (betas >= 1)).any()):
-            raise ValueError(f"betas={_fmt(betas[(betas <= 0) | (betas >= 1)])} must lie in (0, 1)")
+            raise ValueError(f"betas={fmt(betas[(betas <= 0) | (betas >= 1)])} must lie in (0, 1)")
         self.betas = betas
         self.T = betas.numel()
         self.log_one_minus_beta = torch.log1p(-betas)

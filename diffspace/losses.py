@@ -1,0 +1,320 @@
+"""Training objectives: loss weightings, their conversion between parameterizations, the
+weighted denoising loss, and the distributions of noise levels used during training.
+
+Every objective in the lecture is one weighted regression (Ho et al. 2020, Algorithm 1,
+generalised):
+
+    L = E_{x, t ~ p(t), eps} [ w(t) || target - pred ||^2 ],   z_t = alpha_t x + sigma_t eps,
+
+where `target` is the parameterization's target (parameterization.target), w(t) is a weighting
+stated in some parameterization's loss space, and p(t) is the noise-level distribution. Because
+every prediction error is a per-sample multiple of the x0 error (below), a weighting in one
+space is a re-weighting in any other (`convert_weight`): the lecture's loss-weight table,
+generalised to any schedule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .parameterization import broadcast, check_parameterization, target
+from .schedules import VPSDE, DiscreteVP, Schedule, as_tensor, iddpm_sigmas
+
+Tensor = torch.Tensor
+
+
+# -- converting a weighting between loss spaces ---------------------------------------------------
+def _error_scale(name: str, t, schedule: Schedule) -> Tensor:
+    """k with (pred - target) = k * (x0_hat - x) for parameterization `name` at fixed z_t."""
+    check_parameterization(name)
+    t = as_tensor(t)
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    if name == "x0":
+        return torch.ones_like(alpha)
+    if name == "eps":
+        return -alpha / sigma
+    if name == "score":
+        return alpha / sigma**2
+    if name == "energy":
+        return -alpha / sigma**2
+    if name == "v":
+        return -(alpha**2 + sigma**2) / sigma
+    return schedule.dalpha(t) - schedule.dsigma(t) * alpha / sigma  # flow
+
+
+def convert_weight(w, src: str, dst: str, t, schedule: Schedule) -> Tensor:
+    """Re-express a loss weight on parameterization `src` as one on `dst`:
+
+        w_src ||src - src_hat||^2 = w_dst ||dst - dst_hat||^2   for the same prediction at z_t.
+
+    With the x0 error d = x0_hat - x and z_t fixed, each error is k * d (from
+    parameterization.to_x0 / from_x0):
+
+        x0: 1     eps: -alpha/sigma     score: alpha/sigma^2     energy: -alpha/sigma^2
+        v: -(alpha^2 + sigma^2)/sigma   flow: alpha' - sigma' alpha/sigma
+
+    so w_dst = w_src k_src^2 / k_dst^2. For VP schedules this reproduces the lecture's table
+    ("不同损失参数化之间本质是样本加权方式不同"; Salimans & Ho 2022, sec. 4; Kingma & Gao 2023), e.g. ||eps - eps_hat||^2 = (alpha^2/sigma^2) ||x - x_hat||^2, with one correction:
+    the slide's eps-row / v-column entry reads 1/alpha^2, the right value is alpha^2, since
+    eps_hat = sigma z + alpha v_hat gives ||eps - eps_hat||^2 = alpha^2 ||v - v_hat||^2.
+    t must lie where alpha_t, sigma_t > 0.
+    """
+    scale_src, scale_dst = _error_scale(src, t, schedule), _error_scale(dst, t, schedule)
+    return as_tensor(w) * (scale_src / scale_dst) ** 2
+
+
+# -- weightings w(t) -------------------------------------------------------------------------------
+def constant_weight(t, schedule: Schedule) -> Tensor:
+    """eps-space weight w = 1: L_simple = ||eps - eps_hat||^2 (Ho et al. 2020, eq. 14)."""
+    t = as_tensor(t)
+    return torch.ones_like(t, dtype=t.dtype if t.is_floating_point() else torch.float64)
+
+
+def vlb_weight(t, schedule: DiscreteVP, variance: str = "beta") -> Tensor:
+    """eps-space weight of DDPM's variational bound (Ho et al. 2020, eq. 12), discrete index t = 1..T:
+
+        w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha-bar_t)),   alpha_t = 1 - beta_t,
+
+    where sigma_t^2 is the fixed reverse variance: variance="beta" (sigma_t^2 = beta_t) or
+    "beta_tilde" (sigma_t^2 = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) beta_t, eq. 7).
+    For t >= 2 this makes L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) equal
+    w_t ||eps - eps_hat||^2 + const; at t = 1 it is the Gaussian decoder's -log p(x_0|x_1) + const
+    (then beta_tilde_1 = 0 would give an infinite weight and is refused).
+    """
+    if not isinstance(schedule, DiscreteVP):
+        raise ValueError(f"the VLB weight needs a DiscreteVP chain, got {schedule!r}")
+    if variance not in ("beta", "beta_tilde"):
+        raise ValueError(f"variance={variance!r} is not allowed; use 'beta' or 'beta_tilde'")
+    i = as_tensor(t)
+    bad = (i != torch.round(i)) | (i < 1) | (i > schedule.T)
+    if bool(bad.any()):
+        raise ValueError(f"t={i[bad].flatten()[:3].tolist()} must be integer step indices in 1..{schedule.T}")
+    if variance == "beta_tilde" and bool((i == 1).any()):
+        raise ValueError("t=1 with variance='beta_tilde' has beta_tilde_1 = 0 (infinite weight); use t in 2..T or 'beta'")
+    i = i.long()
+    beta, abar = schedule.betas[i - 1], schedule.alphas_bar
+    var = beta if variance == "beta" else (1 - abar[i - 1]) / (1 - abar[i]) * beta
+    return beta**2 / (2 * var * (1 - beta) * (1 - abar[i]))
+
+
+def snr_weight(t, schedule: Schedule) -> Tensor:
+    """x0-space weight SNR(t) = alpha_t^2 / sigma_t^2 = exp(lambda_t): the same loss as eps-space
+    weight 1, i.e. L_simple (Ho et al. 2020, eq. 14; Kingma & Gao 2023)."""
+    return torch.exp(schedule.logsnr(t))
+
+
+def min_snr_weight(t, schedule: Schedule, gamma: float = 5.0) -> Tensor:
+    """x0-space weight min(SNR(t), gamma) (Hang et al. 2023, 'Efficient Diffusion Training via
+    Min-SNR Weighting Strategy'; gamma = 5).
+    In eps-space this is min(SNR, gamma) / SNR; in VP v-space min(SNR, gamma) / (SNR + 1)."""
+    if not gamma > 0:
+        raise ValueError(f"gamma={gamma} must be > 0")
+    return torch.clamp(snr_weight(t, schedule), max=gamma)
+
+
+def edm_weight(t, schedule: Schedule, sigma_data: float | None = None) -> Tensor:
+    """x0-space weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on ||D - x||^2,
+    sigma = sigma~(t) (Karras et al. 2022, Table 1 'Ours' and eq. 8: lambda c_out^2 = 1).
+    sigma_data defaults to the schedule's `sigma_data` if it has one, else 0.5."""
+    sigma_data = getattr(schedule, "sigma_data", 0.5) if sigma_data is None else sigma_data
+    if not sigma_data > 0:
+        raise ValueError(f"sigma_data={sigma_data} must be > 0")
+    sigma = schedule.sigma_tilde(t)
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def inverse_sigma2_weight(t, schedule: Schedule) -> Tensor:
+    """x0-space weight lambda(sigma) = 1 / sigma^2, sigma = sigma~(t) (Karras et al. 2022, Table 1,
+    VP / VE / iDDPM columns; equals SNR(t) = eps-space weight 1)."""
+    return schedule.sigma_tilde(t) ** -2
+
+
+constant_weight.space = "eps"
+vlb_weight.space = "eps"
+snr_weight.space = "x0"
+min_snr_weight.space = "x0"
+edm_weight.space = "x0"
+inverse_sigma2_weight.space = "x0"
+
+WEIGHTINGS = {
+    "constant": constant_weight,
+    "vlb": vlb_weight,
+    "snr": snr_weight,
+    "min-snr": min_snr_weight,
+    "edm": edm_weight,
+    "inverse-sigma2": inverse_sigma2_weight,
+}
+
+
+def weighting(name: str, t, schedule: Schedule, space: str | None = None, defined_in: str | None = None,
+              **kwargs) -> Tensor:
+    """w(t) of the weighting `name` (one of WEIGHTINGS), stated in the loss space `defined_in`
+    (default: the function's own `.space`), returned there or, if `space` is given, converted
+    there with `convert_weight`. `defined_in` lets a preset say e.g. "constant 1 in flow space"
+    (rectified flow) rather than L_simple's eps space. For "vlb" t is the discrete index 1..T and
+    the conversion uses t / T."""
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; allowed: {', '.join(WEIGHTINGS)}")
+    fn = WEIGHTINGS[name]
+    w = fn(t, schedule, **kwargs)
+    if space is None:
+        return w
+    t_cont = schedule.discrete_t(t) if fn is vlb_weight else t
+    return convert_weight(w, check_parameterization(defined_in or fn.space), space, t_cont, schedule)
+
+
+# -- the loss --------------------------------------------------------------------------------------
+def diffusion_loss(pred: Tensor, x: Tensor, eps: Tensor, t, schedule: Schedule, parameterization: str,
+                   weight=1.0) -> Tensor:
+    """Per-sample weighted denoising loss (Ho et al. 2020, Algorithm 1 / eq. 14, generalised):
+
+        L_i = w_i * mean_{non-batch dims} (pred - target)^2,
+
+    target = parameterization.target(parameterization, x, eps, t, schedule), z_t = alpha_t x + sigma_t eps
+    being the input the network saw. `weight` is a scalar or shape (B,) in that parameterization's
+    loss space (see `weighting`, `convert_weight`). Returns shape (B,).
+    """
+    if pred.shape != x.shape:
+        raise ValueError(f"pred has shape {tuple(pred.shape)} but x has shape {tuple(x.shape)}; they must match")
+    err = (pred - target(parameterization, x, eps, t, schedule)) ** 2
+    per_sample = err.reshape(err.shape[0], -1).mean(dim=1)
+    return broadcast(weight, per_sample) * per_sample
+
+
+# -- noise-level distributions p(t) ----------------------------------------------------------------
+def _check_n(n) -> int:
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n={n!r} must be a positive integer number of samples")
+    return n
+
+
+class DiscreteUniform:
+    """t = i / T with i ~ U{1, ..., T}, the step index of a DiscreteVP chain (Ho et al. 2020, Algorithm 1)."""
+
+    def index(self, n: int, schedule: DiscreteVP, generator: torch.Generator | None = None, device=None) -> Tensor:
+        """The integer step indices i in 1..T (int64, shape (n,))."""
+        if not isinstance(schedule, DiscreteVP):
+            raise ValueError(f"discrete-uniform needs a DiscreteVP chain, got {schedule!r}")
+        return torch.randint(1, schedule.T + 1, (_check_n(n),), generator=generator, device=device)
+
+    def __call__(self, n: int, schedule: DiscreteVP, generator: torch.Generator | None = None, device=None) -> Tensor:
+        i = self.index(n, schedule, generator, device)
+        return schedule.discrete_t(i)
+
+
+class Uniform:
+    """t ~ U(eps, 1) in the schedule's own time (continuous-time diffusion; Song et al. 2021, eps = 1e-5)."""
+
+    def __init__(self, eps: float = 1e-5):
+        if not 0 <= eps < 1:
+            raise ValueError(f"eps={eps} must lie in [0, 1)")
+        self.eps = eps
+
+    def __call__(self, n: int, schedule: Schedule, generator: torch.Generator | None = None, device=None) -> Tensor:
+        if schedule.t_min != 0 or schedule.t_max != 1:
+            raise ValueError(f"uniform t needs a schedule with time in [0, 1], got {schedule!r}")
+        u = torch.rand(_check_n(n), generator=generator, dtype=torch.float64, device=device)
+        return self.eps + (1 - self.eps) * u
+
+
+class LogitNormal:
+    """t = sigmoid(u), u ~ N(m, s^2) (Esser et al. 2024, SD3 eq. 19; m = 0, s = 1), for time in [0, 1]."""
+
+    def __init__(self, m: float = 0.0, s: float = 1.0):
+        if not s > 0:
+            raise ValueError(f"s={s} must be > 0")
+        self.m, self.s = m, s
+
+    def __call__(self, n: int, schedule: Schedule, generator: torch.Generator | None = None, device=None) -> Tensor:
+        if schedule.t_min != 0 or schedule.t_max != 1:
+            raise ValueError(f"logit-normal t needs a schedule with time in [0, 1], got {schedule!r}")
+        u = torch.randn(_check_n(n), generator=generator, dtype=torch.float64, device=device)
+        return torch.sigmoid(self.m + self.s * u)
+
+
+class _SigmaDistribution:
+    """A law on the scale-free noise level sigma~, mapped to the schedule's time by t_from_sigma_tilde."""
+
+    def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, n: int, schedule: Schedule, generator: torch.Generator | None = None, device=None) -> Tensor:
+        return schedule.t_from_sigma_tilde(self.sigma(n, generator, device))
+
+
+class VPNoise(_SigmaDistribution):
+    """sigma^{-1}(sigma) ~ U(eps_t, 1) with the VP-SDE's sigma(t) = sqrt(exp(beta_d t^2/2 + beta_min t) - 1)
+    (Karras et al. 2022, Table 1 VP column: eps_t = 1e-5, beta_d = 19.9, beta_min = 0.1).
+    On a VPSDE schedule with the same parameters this is t ~ U(eps_t, 1)."""
+
+    def __init__(self, eps_t: float = 1e-5, beta_d: float = 19.9, beta_min: float = 0.1):
+        if not 0 <= eps_t < 1:
+            raise ValueError(f"eps_t={eps_t} must lie in [0, 1)")
+        self.eps_t, self.vp = eps_t, VPSDE(beta_d=beta_d, beta_min=beta_min)
+
+    def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        u = torch.rand(_check_n(n), generator=generator, dtype=torch.float64, device=device)
+        return self.vp.sigma_tilde(self.eps_t + (1 - self.eps_t) * u)
+
+
+class LogUniform(_SigmaDistribution):
+    """ln sigma ~ U(ln sigma_min, ln sigma_max) (Karras et al. 2022, Table 1 VE column: 0.02, 100)."""
+
+    def __init__(self, sigma_min: float = 0.02, sigma_max: float = 100.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        u = torch.rand(_check_n(n), generator=generator, dtype=torch.float64, device=device)
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return torch.exp(lo + (hi - lo) * u)
+
+
+class LogNormal(_SigmaDistribution):
+    """ln sigma ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1 'Ours': P_mean = -1.2, P_std = 1.2)."""
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2):
+        if not P_std > 0:
+            raise ValueError(f"P_std={P_std} must be > 0")
+        self.P_mean, self.P_std = P_mean, P_std
+
+    def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        u = torch.randn(_check_n(n), generator=generator, dtype=torch.float64, device=device)
+        return torch.exp(self.P_mean + self.P_std * u)
+
+
+class IDDPMNoise(_SigmaDistribution):
+    """sigma = u_j, j ~ U{0, ..., M-1}, u_j from schedules.iddpm_sigmas (Karras et al. 2022, Table 1
+    iDDPM column: M = 1000, C1 = 0.001, C2 = 0.008). u_0 is large (about 2e4 for the defaults), beyond
+    the range of VP schedules, whose t_from_sigma_tilde then raises ValueError."""
+
+    def __init__(self, M: int = 1000, C1: float = 0.001, C2: float = 0.008):
+        if not (isinstance(M, int) and M >= 1):
+            raise ValueError(f"M={M!r} must be a positive integer")
+        self.M, self.u = M, iddpm_sigmas(M, C1, C2)
+
+    def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+        j = torch.randint(0, self.M, (_check_n(n),), generator=generator, device=device)
+        return self.u.to(j.device)[j]
+
+
+NOISE_DISTRIBUTIONS = {
+    "discrete-uniform": DiscreteUniform,
+    "uniform": Uniform,
+    "vp": VPNoise,
+    "ve": LogUniform,
+    "edm": LogNormal,
+    "logit-normal": LogitNormal,
+    "iddpm": IDDPMNoise,
+}
+
+
+def noise_distribution(name: str, **kwargs):
+    """Build the noise-level distribution `name` (one of NOISE_DISTRIBUTIONS) with its parameters;
+    the result is called as dist(n, schedule, generator) -> t of shape (n,)."""
+    if name not in NOISE_DISTRIBUTIONS:
+        raise ValueError(f"unknown noise distribution {name!r}; allowed: {', '.join(NOISE_DISTRIBUTIONS)}")
+    return NOISE_DISTRIBUTIONS[name](**kwargs)

@@ -1,0 +1,192 @@
+"""Preconditioning: from a raw network to the project's one denoiser interface.
+
+A denoiser maps the scale-free noisy sample and its noise level to an estimate of the data,
+
+    D(x~, sigma~) -> x0_hat,     x~ = z_t / alpha_t = x + sigma~ eps,     sigma~ = sigma_t / alpha_t,
+
+sigma~ a scalar or of shape (B,) (one level per sample). Two ways to build one:
+
+* `Denoiser(F, precond)`: Karras et al. (2022, eq. 7 and Table 1)
+
+      D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma)),
+
+  with the preconditioners VP, VE, iDDPM and EDM of Table 1 (+ rectified flow in the same form).
+* `ParameterizedDenoiser(net, parameterization, schedule)`: a network trained in the
+  (z_t, t) form to predict x0, eps, score, energy, v or flow velocity on any schedule.
+
+Both are exact re-writings of the same models: e.g. the VP preconditioner is the eps-predictor
+on the VP-SDE schedule fed c_noise = (M - 1) t.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .parameterization import broadcast, check_parameterization, score_from_energy, to_x0
+from .schedules import VPSDE, Schedule, VPSchedule, check_sigma, iddpm_sigmas
+
+Tensor = torch.Tensor
+
+
+def _per_sample(sigma, x: Tensor) -> Tensor:
+    """sigma checked and made a (B,) tensor in x's dtype and device (a scalar is repeated)."""
+    sigma = check_sigma(torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
+    if sigma.ndim == 0:
+        return sigma.expand(x.shape[0])
+    if sigma.shape != x.shape[:1]:
+        raise ValueError(
+            f"sigma has shape {tuple(sigma.shape)}; allowed: a scalar or ({x.shape[0]},) for x of shape {tuple(x.shape)}"
+        )
+    return sigma
+
+
+# -- the preconditioners of Karras et al. (2022), Table 1 ------------------------------------------
+class Preconditioner:
+    """c_skip, c_out, c_in, c_noise of a noise level sigma (Karras et al. 2022, eq. 7, Table 1).
+
+    `precond(sigma)` checks sigma and returns the four coefficients, each shaped like sigma;
+    `formulas` holds them as text (the table's rows). Subclasses give `_coefficients`.
+    """
+
+    formulas: dict[str, str] = {}
+
+    def __call__(self, sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self._coefficients(check_sigma(sigma))
+
+    def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not isinstance(v, Tensor))
+        return f"{type(self).__name__}({args})"
+
+
+class VPPrecond(Preconditioner):
+    """Table 1 VP column (Song et al. 2021, DDPM++): c_skip = 1, c_out = -sigma,
+    c_in = 1 / sqrt(sigma^2 + 1), c_noise = (M - 1) sigma^{-1}(sigma),
+
+    sigma^{-1} the inverse of the schedule's sigma~(t); the default is the VP-SDE
+    (beta_d = 19.9, beta_min = 0.1), M = 1000. Any variance-preserving schedule (e.g. a DDPM chain)
+    may stand in: F is then its eps-predictor fed (M - 1) t.
+    """
+
+    formulas = dict(c_skip="1", c_out="-sigma", c_in="1/sqrt(sigma^2+1)", c_noise="(M-1) sigma^-1(sigma)")
+
+    def __init__(self, schedule: VPSchedule | None = None, M: int = 1000):
+        schedule = VPSDE() if schedule is None else schedule
+        if not isinstance(schedule, VPSchedule):
+            raise ValueError(f"schedule={schedule!r} is not allowed: VP preconditioning needs a variance-preserving one")
+        self.schedule, self.M = schedule, M
+
+    def _coefficients(self, sigma):
+        one = torch.ones_like(sigma)
+        return one, -sigma, 1 / torch.sqrt(sigma**2 + 1), (self.M - 1) * self.schedule.t_from_sigma_tilde(sigma)
+
+
+class VEPrecond(Preconditioner):
+    """Table 1 VE column (Song et al. 2021, NCSN++): c_skip = 1, c_out = sigma, c_in = 1,
+    c_noise = ln(sigma / 2)."""
+
+    formulas = dict(c_skip="1", c_out="sigma", c_in="1", c_noise="ln(sigma/2)")
+
+    def _coefficients(self, sigma):
+        one = torch.ones_like(sigma)
+        return one, sigma, one, torch.log(sigma / 2)
+
+
+class IDDPMPrecond(Preconditioner):
+    """Table 1 iDDPM column (Nichol & Dhariwal 2021): c_skip = 1, c_out = -sigma,
+    c_in = 1 / sqrt(sigma^2 + 1), c_noise = M - 1 - argmin_j |u_j - sigma|,
+
+    u_0 > ... > u_M = 0 from schedules.iddpm_sigmas(M, C1, C2) (M = 1000, C1 = 0.001, C2 = 0.008).
+    """
+
+    formulas = dict(c_skip="1", c_out="-sigma", c_in="1/sqrt(sigma^2+1)", c_noise="M-1-argmin_j abs(u_j - sigma)")
+
+    def __init__(self, M: int = 1000, C1: float = 0.001, C2: float = 0.008):
+        self.M, self.C1, self.C2, self.u = M, C1, C2, iddpm_sigmas(M, C1, C2)
+
+    def _coefficients(self, sigma):
+        j = torch.argmin((sigma.unsqueeze(-1) - self.u.to(sigma)).abs(), dim=-1)
+        return torch.ones_like(sigma), -sigma, 1 / torch.sqrt(sigma**2 + 1), (self.M - 1 - j).to(sigma.dtype)
+
+
+class EDMPrecond(Preconditioner):
+    """Table 1 'Ours' (EDM) column, Karras et al. (2022) sec. 5 and appendix B.6:
+    c_skip = sigma_data^2 / (sigma^2 + sigma_data^2), c_out = sigma sigma_data / sqrt(sigma^2 + sigma_data^2),
+    c_in = 1 / sqrt(sigma^2 + sigma_data^2), c_noise = ln(sigma) / 4; sigma_data = 0.5."""
+
+    formulas = dict(
+        c_skip="sigma_data^2/(sigma^2+sigma_data^2)",
+        c_out="sigma sigma_data/sqrt(sigma^2+sigma_data^2)",
+        c_in="1/sqrt(sigma^2+sigma_data^2)",
+        c_noise="ln(sigma)/4",
+    )
+
+    def __init__(self, sigma_data: float = 0.5):
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data={sigma_data} is not allowed: it must be > 0")
+        self.sigma_data = sigma_data
+
+    def _coefficients(self, sigma):
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / torch.sqrt(sigma**2 + sd**2)
+        c_in = 1 / torch.sqrt(sigma**2 + sd**2)
+        return c_skip, c_out, c_in, torch.log(sigma) / 4
+
+
+class FlowPrecond(Preconditioner):
+    """Rectified flow (Liu et al. 2023) in the form of Table 1: F(z_t, t) predicts u = eps - x on
+    alpha_t = 1 - t, sigma_t = t, so t = sigma / (1 + sigma), z_t = x~ / (1 + sigma), x = z_t - t u:
+    c_skip = 1 / (1 + sigma), c_out = -sigma / (1 + sigma), c_in = 1 / (1 + sigma), c_noise = sigma / (1 + sigma)."""
+
+    formulas = dict(c_skip="1/(1+sigma)", c_out="-sigma/(1+sigma)", c_in="1/(1+sigma)", c_noise="t = sigma/(1+sigma)")
+
+    def _coefficients(self, sigma):
+        return 1 / (1 + sigma), -sigma / (1 + sigma), 1 / (1 + sigma), sigma / (1 + sigma)
+
+
+# -- denoisers ---------------------------------------------------------------------------------------
+class Denoiser(torch.nn.Module):
+    """D(x~, sigma) = c_skip x~ + c_out F(c_in x~, c_noise) (Karras et al. 2022, eq. 7).
+
+    F(x, noise_cond) is the raw network (any callable or module; noise_cond has shape (B,)),
+    `precond` a Preconditioner. sigma: scalar or shape (B,).
+    """
+
+    def __init__(self, F, precond: Preconditioner):
+        super().__init__()
+        self.F, self.precond = F, precond
+
+    def forward(self, x: Tensor, sigma) -> Tensor:
+        c_skip, c_out, c_in, c_noise = self.precond(_per_sample(sigma, x))
+        return broadcast(c_skip, x) * x + broadcast(c_out, x) * self.F(broadcast(c_in, x) * x, c_noise)
+
+
+class ParameterizedDenoiser(torch.nn.Module):
+    """D(x~, sigma~) of a network trained in the (z_t, t) form (DESIGN.md; Kingma et al. 2021):
+
+        t = schedule.t_from_sigma_tilde(sigma~),  z_t = alpha_t x~,  pred = net(z_t, time_input(t)),
+        D = parameterization.to_x0(pred, parameterization, z_t, t, schedule).
+
+    `parameterization` is one of parameterization.PARAMETERIZATIONS; for "energy" the net returns
+    the scalar energy E(z_t, t) per sample (shape (B,)) and its gradient grad_z E is used
+    (parameterization.score_from_energy; graph kept when autograd is on). `time_input` maps t to
+    what the net is fed (e.g. lambda t: 999 * t for DDPM-style nets); None feeds t itself.
+    """
+
+    def __init__(self, net, parameterization: str, schedule: Schedule, time_input=None):
+        super().__init__()
+        self.net, self.parameterization = net, check_parameterization(parameterization)
+        self.schedule, self.time_input = schedule, time_input
+
+    def forward(self, x: Tensor, sigma) -> Tensor:
+        t = self.schedule.t_from_sigma_tilde(_per_sample(sigma, x))
+        z = broadcast(self.schedule.alpha(t), x) * x
+        t_in = t if self.time_input is None else self.time_input(t)
+        if self.parameterization == "energy":
+            pred = -score_from_energy(self.net, z, t_in, create_graph=torch.is_grad_enabled())
+        else:
+            pred = self.net(z, t_in)
+        return to_x0(pred, self.parameterization, z, t, self.schedule)
