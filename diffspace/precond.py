@@ -159,9 +159,11 @@ class Denoiser(torch.nn.Module):
         super().__init__()
         self.F, self.precond = F, precond
 
-    def forward(self, x: Tensor, sigma) -> Tensor:
+    def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
+        """Extra arguments (e.g. class labels) are passed on to F."""
         c_skip, c_out, c_in, c_noise = self.precond(_per_sample(sigma, x))
-        return broadcast(c_skip, x) * x + broadcast(c_out, x) * self.F(broadcast(c_in, x) * x, c_noise)
+        F = self.F(broadcast(c_in, x) * x, c_noise, *args, **kwargs)
+        return broadcast(c_skip, x) * x + broadcast(c_out, x) * F
 
 
 class ParameterizedDenoiser(torch.nn.Module):
@@ -181,12 +183,37 @@ class ParameterizedDenoiser(torch.nn.Module):
         self.net, self.parameterization = net, check_parameterization(parameterization)
         self.schedule, self.time_input = schedule, time_input
 
-    def forward(self, x: Tensor, sigma) -> Tensor:
+    def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
+        """Extra arguments (e.g. class labels) are passed on to the net."""
         t = self.schedule.t_from_sigma_tilde(_per_sample(sigma, x))
         z = broadcast(self.schedule.alpha(t), x) * x
+        return to_x0(self.predict(z, t, *args, **kwargs), self.parameterization, z, t, self.schedule)
+
+    def predict(self, z: Tensor, t: Tensor, *args, **kwargs) -> Tensor:
+        """The network's prediction in its own parameterization at (z_t, t) (the training output)."""
         t_in = t if self.time_input is None else self.time_input(t)
         if self.parameterization == "energy":
-            pred = -score_from_energy(self.net, z, t_in, create_graph=torch.is_grad_enabled())
-        else:
-            pred = self.net(z, t_in)
-        return to_x0(pred, self.parameterization, z, t, self.schedule)
+            energy = lambda zz, tt: self.net(zz, tt, *args, **kwargs)
+            return -score_from_energy(energy, z, t_in, create_graph=torch.is_grad_enabled())
+        return self.net(z, t_in, *args, **kwargs)
+
+
+class ConditionedInput(torch.nn.Module):
+    """Feeds a raw network F the well-scaled input of a preconditioner, in the (z_t, t) form:
+
+        net(z_t, t) = F(c_in(sigma~) z_t / alpha_t, c_noise(sigma~)),   sigma~ = sigma_t / alpha_t,
+
+    so a net trained to predict eps, v, flow, ... on any schedule sees unit-variance inputs
+    (Karras et al. 2022, sec. 5) and the preset's noise conditioning. For VP schedules
+    c_in(sigma~) = alpha_t, i.e. F sees z_t itself.
+    """
+
+    def __init__(self, F, precond: Preconditioner, schedule: Schedule):
+        super().__init__()
+        self.F, self.precond, self.schedule = F, precond, schedule
+
+    def forward(self, z: Tensor, t: Tensor, *args, **kwargs) -> Tensor:
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
+        alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
+        _, _, c_in, c_noise = self.precond(_per_sample(sigma / alpha, z))
+        return self.F(broadcast(c_in / alpha, z) * z, c_noise, *args, **kwargs)
