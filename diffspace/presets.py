@@ -54,6 +54,9 @@ class Preset:
     weighting_space: str
     text: Mapping[str, str]
 
+    def __deepcopy__(self, memo) -> "Preset":
+        return self  # immutable: a model copied for its EMA shares its preset
+
     def _pick(self, names: tuple[str, ...]) -> dict[str, float]:
         return {k: self.params[k] for k in names}
 

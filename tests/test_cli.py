@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -18,13 +19,68 @@ def test_info_prints_every_preset():
         assert name in r.stdout
 
 
-def test_demo_writes_a_non_blank_forward_process_figure(tmp_path):
-    r = run("demo", "--out", str(tmp_path / "run"))
+def _assert_non_blank_png(path, min_size=(100, 100)):
+    img = np.asarray(Image.open(path).convert("L"), dtype=float)
+    assert img.shape[0] >= min_size[0] and img.shape[1] >= min_size[1], (path, img.shape)
+    assert img.std() > 10, f"{path} looks blank"
+
+
+def test_demo_smoke_writes_every_figure_and_the_report(tmp_path):
+    """The main job at 2% of its training steps (the full run is timed in the README/closing note)."""
+    out = tmp_path / "run"
+    r = run("demo", "--out", str(out), "--scale", "0.02", "--quiet")
     assert r.returncode == 0, r.stderr
-    png = tmp_path / "run" / "forward_process.png"
-    img = np.asarray(Image.open(png).convert("L"), dtype=float)
-    assert img.shape[0] > 300 and img.shape[1] > 600
-    assert img.std() > 10 and (img < 128).mean() > 0.01  # ink on the canvas, not a blank page
+    assert "confident" in r.stdout and "sliced W2" in r.stdout
+    report = (out / "report.md").read_text()
+    for name in ("digits_samples.png", "digits_forward.png", "digits_reverse.png", "digits_loss.png",
+                 "ring8_samples.png", "ring8_loss.png", "forward_process.png"):
+        assert f"({name})" in report
+        _assert_non_blank_png(out / name)
+    assert (out / "digits" / "checkpoints").is_dir() and (out / "digits" / "metrics.csv").is_file()
+    r2 = run("demo", "--out", str(out), "--scale", "0.02", "--quiet")  # idempotent: runs again in place
+    assert r2.returncode == 0, r2.stderr
+
+
+def test_train_sample_resume_through_the_entry_point(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", "--data", "moons", "--steps", "20", "--out", str(out), "--quiet", "model.hidden=32",
+            "model.depth=2", "data.n=500", "log.checkpoint_every=10", "log.nfe=4")
+    assert r.returncode == 0, r.stderr
+    assert "step 20" in r.stdout
+    for name in ("config.toml", "metrics.csv", "report.md", "loss.png", "samples/final.png"):
+        assert (out / name).is_file(), name
+    r = run("sample", str(out), "--n", "50", "--nfe", "6", "--sampler", "dpmpp_2m", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    x = np.load(out / "samples" / "sample.npz")["x"]
+    assert x.shape == (50, 2) and np.isfinite(x).all()
+    _assert_non_blank_png(out / "samples" / "sample.png")
+    r = run("train", "--resume", str(out), "--steps", "30", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "step 30" in r.stdout
+    config = tmp_path / "c.toml"
+    config.write_text((out / "config.toml").read_text())
+    r = run("train", str(config), "train.steps=5", "--out", str(tmp_path / "run2"), "--quiet")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["nonsense"], ["invalid choice"]),
+    (["demo", "--bogus"], ["unrecognized"]),
+    (["train", "train.stepz=3"], ["unknown option 'train.stepz'", "allowed"]),
+    (["train", "--preset", "nope", "--steps", "1"], ["unknown preset", "edm"]),
+    (["train", "--data", "no/such/folder", "--steps", "1"], ["no/such/folder"]),
+    (["train", "--steps", "x"], ["invalid int value"]),
+    (["train", "--resume", "no/such/run"], ["no complete checkpoint"]),
+    (["sample", "no/such/run"], ["no/such/run"]),
+    (["sample", "no/such/run", "--n", "0"], ["--n=0"]),
+])
+def test_bad_arguments_name_what_is_allowed(tmp_path, args, words):
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
 
 
 def test_bad_arguments_exit_2_with_one_line():

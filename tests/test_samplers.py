@@ -8,10 +8,11 @@ import torch
 
 from diffspace import samplers as S
 from diffspace.analytic import ring8
+from diffspace.evaluate import sliced_wasserstein
 from diffspace.schedules import EDM, VPSDE, SqrtVE, ddpm_linear, iddpm_sigmas
 
 F64 = torch.float64
-DETERMINISTIC = ["euler", "heun", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "flow_euler", "flow_heun"]
+DETERMINISTIC = ["euler", "heun", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "deis_pc", "flow_euler", "flow_heun"]
 STOCHASTIC = {  # name -> options that make it stochastic
     "ddpm": {},
     "ddim": dict(eta=1.0),
@@ -47,15 +48,6 @@ class Counting:
     def __call__(self, x, sigma):
         self.calls += 1
         return self.denoiser(x, sigma)
-
-
-def sliced_wasserstein(a, b, n_proj=64, generator=None):
-    """Sliced W2 between equal-size point sets: sqrt(mean over random directions of W2^2 of the 1-D
-    projections), each 1-D W2 from sorted samples (Rabin et al. 2011; Bonneel et al. 2015)."""
-    dirs = torch.randn(a.shape[1], n_proj, generator=generator, dtype=F64)
-    dirs = dirs / dirs.norm(dim=0)
-    pa, pb = torch.sort(a.to(F64) @ dirs, 0).values, torch.sort(b.to(F64) @ dirs, 0).values
-    return float(((pa - pb) ** 2).mean().sqrt())
 
 
 def gen(seed):
@@ -95,6 +87,45 @@ def test_ipndm_fixed_coefficients_are_second_order_on_a_non_uniform_grid():
     assert abs(measured_order("ipndm") - 2) < 0.3
 
 
+@pytest.mark.parametrize("options, expected", [
+    (dict(lower_order_final=False), 5),  # AB4 predictor + 5-node corrector
+    (dict(order=3, lower_order_final=False), 4),
+    ({}, 2),  # default: the first-order last step caps the order where D still varies at sigma_min
+])
+def test_deis_pc_convergence_order(options, expected):
+    order = measured_order("deis_pc", **options)
+    assert abs(order - expected) < 0.3, f"deis_pc {options}: measured order {order:.2f}, expected {expected}"
+
+
+def test_deis_pc_two_steps_typed_anew():
+    """Euler predictor, the implicit-in-x trapezoid corrector, then the 2-node AB predictor; weights are
+    int L_j(s^(1/7)) ds by scipy quad, in sigma (no quadrature shared with the code)."""
+    from scipy.integrate import quad
+
+    gm, rho = ring8(), 7.0
+    sigmas = torch.tensor([3.0, 1.0, 0.4], dtype=F64)
+    x0 = 3 * torch.randn(8, 2, generator=gen(13), dtype=F64)
+    D = lambda x, s: gm(x, torch.full((8,), s, dtype=F64))  # noqa: E731
+    s0, s1, s2 = sigmas.tolist()
+    t0, t1 = s0 ** (1 / rho), s1 ** (1 / rho)
+
+    def w(a, b, lagrange):
+        return quad(lambda s: lagrange(s ** (1 / rho)), a, b, epsabs=1e-14, epsrel=1e-13)[0]
+
+    l0, l1 = (lambda t: (t - t1) / (t0 - t1)), (lambda t: (t - t0) / (t1 - t0))
+    d0 = (x0 - D(x0, s0)) / s0
+    x1_pred = x0 + (s1 - s0) * d0
+    D1 = D(x1_pred, s1)
+    w0, w1 = w(s0, s1, l0), w(s0, s1, l1)
+    x1 = (x0 + w0 * d0 - w1 * D1 / s1) / (1 - w1 / s1)  # x1 = x0 + w0 d0 + w1 (x1 - D1) / s1
+    torch.testing.assert_close(x1, x0 + w0 * d0 + w1 * (x1 - D1) / s1, rtol=1e-12, atol=1e-12)
+    d1 = (x1 - D1) / s1
+    x2 = x1 + w(s1, s2, l0) * d0 + w(s1, s2, l1) * d1
+    torch.testing.assert_close(S.deis_pc(gm, x0, sigmas, lower_order_final=False), x2, rtol=1e-11, atol=1e-11)
+    # with lower_order_final the last step is Euler from the corrected state
+    torch.testing.assert_close(S.deis_pc(gm, x0, sigmas), x1 + (s2 - s1) * d1, rtol=1e-11, atol=1e-11)
+
+
 def test_orders_with_the_schedule_option():
     assert abs(measured_order("euler", sigma_max=10.0, schedule=VPSDE()) - 1) < 0.3
     assert abs(measured_order("heun", sigma_max=10.0, schedule=SqrtVE()) - 2) < 0.3
@@ -116,7 +147,7 @@ def test_ddim_eta0_is_euler_and_dpmpp_first_step():
     sigmas = S.get_sigmas("edm", 12)
     torch.testing.assert_close(S.ddim(gaussian, x0, sigmas), S.euler(gaussian, x0, sigmas), rtol=0, atol=1e-10)
     one_step = sigmas[[0, 1]]
-    for name in ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis"]:
+    for name in ["dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "deis", "deis_pc"]:
         torch.testing.assert_close(S.SAMPLERS[name](gaussian, x0, one_step), S.euler(gaussian, x0, one_step))
 
 

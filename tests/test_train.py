@@ -1,0 +1,303 @@
+"""Training loop, EMA, exact resume, checkpoints, config parsing and the sample path."""
+
+import json
+import math
+import time
+
+import pytest
+import torch
+
+from diffspace import checkpoint as ckpt
+from diffspace.analytic import ring8
+from diffspace.evaluate import noise_floor, sliced_wasserstein
+from diffspace.train import (Config, Diffusion, ema_decay, learning_rate, load_config, load_model, power_ema_gamma,
+                             sample, set_option, train)
+
+
+def _config(**options) -> Config:
+    cfg = Config()
+    base = {"data.spec": "ring8", "data.n": 2000, "model.hidden": 32, "model.depth": 2, "train.steps": 12,
+            "train.batch_size": 64, "train.warmup": 3, "log.checkpoint_every": 4, "log.every": 2, "log.keep": 10,
+            "log.n_samples": 16, "log.nfe": 5}
+    for key, value in {**base, **options}.items():
+        set_option(cfg, key, value)
+    return cfg
+
+
+def _final_tensors(run_dir):
+    tensors, state = ckpt.load(ckpt.latest(run_dir / "checkpoints"))
+    return tensors, state
+
+
+# -- the 2-D quality bar ------------------------------------------------------------------------------
+def test_short_training_on_the_ring_reaches_twice_the_noise_floor(tmp_path):
+    """Issue 4: a short CPU training on a 2-D mixture gets within 2x the sliced-W2 noise floor."""
+    cfg = _config(**{"model.hidden": 128, "model.depth": 3, "data.n": 10_000, "train.steps": 1000,
+                     "train.batch_size": 256, "train.lr": 2e-3, "train.warmup": 100,
+                     "log.checkpoint_every": 1000, "log.every": 100, "log.nfe": 0})
+    t0 = time.time()
+    summary = train(cfg, tmp_path / "ring", progress=False)
+    n = 2000
+    x = sample(summary["ema"], n, (2,), torch.Generator().manual_seed(5), "heun", 35)
+    mixture = ring8()
+    sw2 = sliced_wasserstein(x, mixture.sample(n, torch.Generator().manual_seed(6)))
+    floor = noise_floor(mixture.sample, n)
+    seconds = time.time() - t0
+    assert sw2 <= 2 * floor, f"SW2 {sw2:.4f} vs floor {floor:.4f} after {seconds:.0f} s"
+    assert seconds < 60
+
+
+# -- exact resume -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [
+    {},  # MLP on points, power EMA, constant LR after warm-up
+    {"train.lr_min_ratio": 0.1, "train.ema": "fixed", "train.ema_decay": 0.9, "train.weight_decay": 0.01,
+     "model.preset": "ddpm", "model.parameterization": "eps"},
+    {"data.spec": "digits", "data.n": 300, "model.base_channels": 8, "model.channel_mult": [1], "model.num_blocks": 1,
+     "model.class_conditional": True, "model.label_dropout": 0.5, "model.dropout": 0.1, "train.batch_size": 16},
+], ids=["mlp-power-ema", "ddpm-eps-cosine-lr-fixed-ema", "unet-class-dropout"])
+def test_resume_is_bit_identical(tmp_path, options):
+    """N steps, stop, resume, N steps == 2N uninterrupted: model, EMA, optimizer and RNG states."""
+    straight = tmp_path / "straight"
+    train(_config(**options), straight, progress=False)
+    split = tmp_path / "split"
+    first = train(_config(**options), split, stop_at=6, progress=False)
+    assert first["steps"] == 6 and _final_tensors(split)[1]["step"] == 6
+    torch.manual_seed(12345)  # a resumed process starts from an unrelated global RNG state
+    train(None, split, resume=True, progress=False)
+    a, sa = _final_tensors(straight)
+    b, sb = _final_tensors(split)
+    assert sa["step"] == sb["step"] == 12
+    assert a.keys() == b.keys()
+    assert any(k.startswith("ema.") for k in a) and any(k.startswith("optimizer.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert sa["optimizer"] == sb["optimizer"]
+
+
+def test_resume_extends_the_step_count_and_keeps_the_last_k(tmp_path):
+    run = tmp_path / "run"
+    train(_config(**{"log.keep": 2}), run, progress=False)
+    train(None, run, resume=True, steps=20, progress=False)
+    names = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
+    assert names == ["ckpt-00000016", "ckpt-00000020"]
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss") and [int(r.split(",")[0]) for r in rows[1:]] == list(range(2, 21, 2))
+    for name in ("config.toml", "report.md", "loss.png", "samples/final.png"):
+        assert (run / name).is_file(), name
+    assert "ring8" in (run / "report.md").read_text()
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        train(None, tmp_path / "empty", resume=True, progress=False)
+    run = tmp_path / "run"
+    train(_config(), run, progress=False)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(_config(), run, progress=False)
+    with pytest.raises(ValueError, match="own config"):
+        train(_config(), run, resume=True, progress=False)
+    with pytest.raises(ValueError, match="before the checkpoint"):
+        train(None, run, resume=True, steps=5, progress=False)
+
+
+def test_interrupt_saves_the_last_step(tmp_path, monkeypatch):
+    """Ctrl-C mid-run writes a checkpoint of the last finished step, and resuming from it matches."""
+    import diffspace.train as T
+
+    calls = {"n": 0}
+    real = T.ema_update
+
+    def interrupting(ema, model, beta):
+        real(ema, model, beta)
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "ema_update", interrupting)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(), run, progress=False)
+    assert _final_tensors(run)[1]["step"] == 7
+    monkeypatch.setattr(T, "ema_update", real)
+    train(None, run, resume=True, progress=False)
+    train(_config(), tmp_path / "straight", progress=False)
+    a, b = _final_tensors(run)[0], _final_tensors(tmp_path / "straight")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_set_smaller_than_batch(tmp_path):
+    with pytest.raises(ValueError, match=r"fewer than train.batch_size=64"):
+        train(_config(**{"data.n": 50}), tmp_path / "run", progress=False)
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+def test_checkpoint_round_trip_and_sample_from_it(tmp_path):
+    run = tmp_path / "run"
+    summary = train(_config(), run, progress=False)
+    model, cfg, info = load_model(run)
+    assert info["shape"] == [2] and cfg.to_dict() == summary["config"].to_dict()
+    for (k, v), (k2, v2) in zip(summary["ema"].state_dict().items(), model.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = sample(model, 32, (2,), g1, "euler", 6)
+    b = sample(summary["ema"], 32, (2,), g2, "euler", 6)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    same_from_file = load_model(ckpt.latest(run / "checkpoints").with_suffix(".safetensors"))[0]
+    assert all(torch.equal(v, w) for v, w in zip(model.state_dict().values(), same_from_file.state_dict().values()))
+
+
+def test_checkpoint_files_are_safetensors_and_json(tmp_path):
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
+    path = ckpt.save(tmp_path, 7, tensors, {"note": "x"})
+    loaded, state = ckpt.load(path)
+    assert state == {"note": "x", "step": 7} and json.loads(path.read_text())["step"] == 7
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with open(path.with_suffix(".safetensors"), "rb") as f:  # safetensors: 8-byte header length + JSON header
+        header_len = int.from_bytes(f.read(8), "little")
+        assert json.loads(f.read(header_len))["a"]["shape"] == [2, 3]
+
+
+def test_atomic_write_leaves_nothing_half_written(tmp_path):
+    target = tmp_path / "file.txt"
+    ckpt.atomic_write_text(target, "old")
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ckpt.atomic_write(target, failing)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]  # no temporary left behind
+
+
+def test_latest_ignores_incomplete_checkpoints(tmp_path):
+    ckpt.save(tmp_path, 1, {"a": torch.zeros(1)}, {})
+    ckpt.save(tmp_path, 2, {"a": torch.ones(1)}, {})
+    (tmp_path / "ckpt-00000002.json").unlink()  # crash between the tensors and the marker
+    (tmp_path / "ckpt-00000003.safetensors").write_bytes(b"\0" * 10)
+    assert ckpt.latest(tmp_path).name == "ckpt-00000001"
+    with pytest.raises(ValueError, match="incomplete or missing"):
+        ckpt.load(tmp_path / "ckpt-00000002")
+
+
+# -- EMA, learning rate -------------------------------------------------------------------------------
+def test_power_ema_gamma_matches_karras_2024():
+    """sigma_rel = 0.05 and 0.10 give gamma = 16.97 and 6.94 (Karras et al. 2024, Section 3.1)."""
+    assert power_ema_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert power_ema_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    for bad in (0.0, 0.5, -1.0):
+        with pytest.raises(ValueError, match="ema_sigma_rel"):
+            power_ema_gamma(bad)
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.10, 0.2])
+def test_power_ema_has_the_requested_relative_width(sigma_rel):
+    """Averaging p_t = t/T and (t/T)^2 with the EMA gives the mean and second moment of its averaging
+    profile over training time; its standard deviation (in units of the run length) is sigma_rel."""
+    cfg = Config().train
+    cfg.ema_sigma_rel = sigma_rel
+    T = 20_000
+    m1 = m2 = 0.0
+    for step in range(1, T + 1):
+        beta = ema_decay(cfg, step)
+        m1 = beta * m1 + (1 - beta) * step / T
+        m2 = beta * m2 + (1 - beta) * (step / T) ** 2
+    assert math.sqrt(m2 - m1 ** 2) == pytest.approx(sigma_rel, rel=2e-3)
+
+
+def test_fixed_ema_decay():
+    cfg = Config().train
+    cfg.ema, cfg.ema_decay = "fixed", 0.99
+    assert ema_decay(cfg, 1) == 0.99 and ema_decay(cfg, 1000) == 0.99
+    cfg.ema = "other"
+    with pytest.raises(ValueError, match="train.ema='other'; allowed: power, fixed"):
+        ema_decay(cfg, 1)
+
+
+def test_learning_rate_warmup_and_cosine():
+    cfg = Config().train
+    cfg.lr, cfg.warmup, cfg.steps, cfg.lr_min_ratio = 1.0, 10, 110, 0.1
+    assert learning_rate(cfg, 0) == pytest.approx(0.1) and learning_rate(cfg, 9) == pytest.approx(1.0)
+    assert learning_rate(cfg, 60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert learning_rate(cfg, 110) == pytest.approx(0.1)
+
+
+# -- the model: every parameterization through one denoiser --------------------------------------------
+@pytest.mark.parametrize("parameterization", ["precond", "x0", "eps", "score", "v", "flow", "energy"])
+@pytest.mark.parametrize("preset", ["ddpm", "edm", "rectified-flow"])
+def test_every_parameterization_trains_one_step(preset, parameterization):
+    from diffspace.nn import MLP, Energy
+
+    torch.manual_seed(0)
+    net = MLP(2, hidden=16, depth=2)
+    if parameterization == "energy":
+        net = Energy(MLP(2, hidden=16, depth=2))
+    from diffspace.presets import get_preset
+
+    model = Diffusion(net, get_preset(preset), parameterization)
+    x = torch.randn(32, 2)
+    loss = model.loss(x, None, torch.Generator().manual_seed(1))
+    assert loss.shape == (32,) and torch.isfinite(loss).all() and (loss >= 0).all()
+    loss.mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    out = model(torch.randn(4, 2), torch.full((4,), 1.0))
+    assert out.shape == (4, 2) and torch.isfinite(out).all()
+
+
+def test_bad_parameterization():
+    from diffspace.nn import MLP
+    from diffspace.presets import get_preset
+
+    with pytest.raises(ValueError, match="parameterization='z'.*allowed: precond, x0"):
+        Diffusion(MLP(2), get_preset("edm"), "z")
+
+
+# -- configuration --------------------------------------------------------------------------------
+def test_config_toml_round_trip_and_overrides(tmp_path):
+    cfg = _config(**{"model.channel_mult": [1, 2, 2], "train.bf16": True, "data.spec": 'a "quoted" name'})
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    again = load_config(path)
+    assert again.to_dict() == cfg.to_dict()
+    over = load_config(path, ["train.steps=7", "model.channel_mult=[1,4]", "train.bf16=false", "train.lr=1e-3"])
+    assert over.train.steps == 7 and over.model.channel_mult == [1, 4] and over.train.bf16 is False
+    assert over.train.lr == 1e-3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=5", "unknown option 'train.stepz'; allowed: data.spec"),
+    ("train.steps=five", "train.steps='five' is not a valid int"),
+    ("train.bf16=maybe", "not a valid bool"),
+    ("nodot", "must look like section.key=value"),
+    ("bogus.x=1", "unknown option 'bogus.x'"),
+])
+def test_config_errors(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nsteps = 1")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(bad)
+    bad.write_text("[nonsense]\nx = 1")
+    with pytest.raises(ValueError, match=r"unknown config section \[nonsense\]"):
+        load_config(bad)
+    bad.write_text("[train]\nsteps = 1.5")
+    with pytest.raises(ValueError, match="train.steps=1.5 must be of type int"):
+        load_config(bad)
+
+
+CONFIGS = sorted((__import__("pathlib").Path(__file__).parent.parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_configs_train(tmp_path, path):
+    cfg = load_config(path, ["train.steps=3", "log.n_samples=4", "log.nfe=3", "train.warmup=1"])
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["steps"] == 3 and (tmp_path / "run" / "samples" / "final.png").is_file()
