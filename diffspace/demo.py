@@ -22,7 +22,7 @@ from .train import Config, sample, train
 
 # The settings below were chosen to finish within 5 minutes on 2 CPU cores (see the README).
 DIGITS = {"data.spec": "digits", "model.preset": "edm", "model.base_channels": 32, "model.channel_mult": [1, 2],
-          "model.num_blocks": 1, "train.steps": 1500, "train.batch_size": 128, "train.lr": 2e-3,
+          "model.num_blocks": 1, "train.steps": 3000, "train.batch_size": 128, "train.lr": 2e-3,
           "train.warmup": 100, "log.checkpoint_every": 1500, "log.every": 25}
 RING = {"data.spec": "ring8", "model.preset": "edm", "model.hidden": 128, "model.depth": 3, "train.steps": 1500,
         "train.batch_size": 256, "train.lr": 2e-3, "log.checkpoint_every": 1500, "log.every": 25}
