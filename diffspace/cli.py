@@ -1,4 +1,4 @@
-"""Command line: `diffspace train | sample | info | demo`. Bad arguments exit 2 with a one-line message."""
+"""Command line: `diffspace train | sample | eval | info | demo`. Bad arguments exit 2 with a one-line message."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ class _Parser(argparse.ArgumentParser):
 def cmd_info(args) -> int:
     from .parameterization import PARAMETERIZATIONS
     from .presets import presets_table
+    from .samplers import GRIDS, SAMPLERS
     from .schedules import SCHEDULES
 
     print(presets_table())
     print()
-    print("schedules:        " + ", ".join(SCHEDULES))
+    print("schedules:         " + ", ".join(SCHEDULES))
     print("parameterizations: " + ", ".join(PARAMETERIZATIONS))
+    print("samplers:          " + ", ".join(SAMPLERS))
+    print("time grids:        " + ", ".join(GRIDS))
     return 0
 
 
@@ -74,9 +77,26 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from .checkpoint import atomic_write_text
+    from .evaluate import evaluate_run, markdown
+
+    if args.n < 2 or args.nfe < 0:
+        raise ValueError(f"--n={args.n} must be >= 2 and --nfe={args.nfe} >= 0 (0: the sampler's default)")
+    result = evaluate_run(args.run, n=args.n, sampler=args.sampler, nfe=args.nfe, seed=args.seed)
+    text = markdown(result)
+    print(text, end="")
+    folder = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    atomic_write_text(folder / "eval.md", text)
+    atomic_write_text(folder / "eval.json", json.dumps(result, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="diffspace", description="The design space of diffusion models.")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,info,demo}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,info,demo}", parser_class=_Parser)
     tr = sub.add_parser("train", help="train a model from a TOML config and section.key=value overrides")
     tr.add_argument("config", nargs="?", help="TOML config file (see configs/); defaults if omitted")
     tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=500 model.preset=vp")
@@ -95,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--out", help="PNG path (default: RUN/samples/sample.png)")
     sa.set_defaults(func=cmd_sample)
+    ev = sub.add_parser("eval", help="measure a run's samples and likelihood, each next to its noise floor")
+    ev.add_argument("run", help="run folder or checkpoint")
+    ev.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
+    ev.add_argument("--sampler", default="", help="sampler name (default: the preset's solver)")
+    ev.add_argument("--nfe", type=int, default=0, help="network evaluations (default: 35, or the DDPM chain)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=cmd_eval)
     info = sub.add_parser("info", help="print the presets (Karras et al. 2022 Table 1 + DDPM + rectified flow), schedules, parameterizations")
     info.set_defaults(func=cmd_info)
     demo = sub.add_parser("demo", help="the main job: run on the embedded default data and write the figures")
