@@ -225,9 +225,11 @@ class Diffusion(torch.nn.Module):
         return losses.weighting(self.weighting, tt, self.schedule, space=space,
                                 defined_in=self.weighting_space or None, **self.weighting_kwargs)
 
-    def loss(self, x: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
-        """Per-sample weighted loss of Algorithm 1 (shape (B,))."""
-        t = self.noise(x.shape[0], self.schedule, generator=generator, device=x.device)
+    def loss(self, x: Tensor, labels: Tensor | None, generator: torch.Generator, t: Tensor | None = None) -> Tensor:
+        """Per-sample weighted loss of Algorithm 1 (shape (B,)); t (B,) in the training schedule's
+        time is drawn from the noise distribution unless given (e.g. to measure the loss per level)."""
+        if t is None:
+            t = self.noise(x.shape[0], self.schedule, generator=generator, device=x.device)
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         if self.parameterization == "precond":  # Karras et al. 2022, eq. 2 with lambda(sigma)
             sigma = self.schedule.sigma_tilde(t)
