@@ -37,13 +37,17 @@ DEFAULT_N = 10_000
 @dataclass
 class Dataset:
     """x: float32 (N, d) points or (N, C, H, W) images in [-1, 1]; labels: int64 (N,) or None;
-    num_classes: number of label values (0 without labels); kind: 'points' or 'images'."""
+    num_classes: number of label values (0 without labels); kind: 'points' or 'images';
+    levels: the number of quantization levels of the values, x = 2k / (levels - 1) - 1 (256 for 8-bit
+    images, 17 for the digits), or 0 for continuous data; likelihoods of quantized data are reported
+    in bits/dim of the discrete values (process.discretized_gaussian_log_likelihood)."""
 
     x: Tensor = field(repr=False)
     labels: Tensor | None = field(default=None, repr=False)
     num_classes: int = 0
     name: str = ""
     kind: str = "points"
+    levels: int = 0
 
     def __post_init__(self):
         if self.kind not in ("points", "images"):
@@ -204,7 +208,7 @@ def load(spec: str | os.PathLike, *, n: int | None = None, size: int | None = No
 
         raw = load_digits()
         x = torch.from_numpy(raw.images).float()[:, None] / 8 - 1
-        data = Dataset(x, torch.from_numpy(raw.target).long(), 10, "digits", "images")
+        data = Dataset(x, torch.from_numpy(raw.target).long(), 10, "digits", "images", levels=17)
     else:
         path = Path(spec).expanduser()
         if not path.exists():
@@ -221,10 +225,10 @@ def load(spec: str | os.PathLike, *, n: int | None = None, size: int | None = No
             raise ValueError(f"{name!r} is a file but not .npy / .npz; pass a folder of images or an array file")
     if data.kind == "points" and (size is not None or channels is not None):
         raise ValueError(f"size / channels apply to images only, but {name!r} holds points of shape {data.shape}")
-    if size is not None:
-        data = replace(data, x=_resize_crop(data.x, size))
-    if channels is not None and channels != data.x.shape[1]:
-        data = replace(data, x=_convert_channels(data.x, channels))
+    if size is not None and tuple(data.x.shape[-2:]) != (size, size):  # interpolated values are not quantized
+        data = replace(data, x=_resize_crop(data.x, size), levels=0)
+    if channels is not None and channels != data.x.shape[1]:  # so are luma mixtures; repeated channels are
+        data = replace(data, x=_convert_channels(data.x, channels), levels=data.levels if channels == 3 else 0)
     if n is not None and n < len(data):
         keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
         data = data.subset(keep)
@@ -312,7 +316,7 @@ def _load_folder(root: Path, size: int | None, channels: int | None) -> Dataset:
         a = np.asarray(im, dtype=np.uint8)
         arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     x = torch.from_numpy(np.stack(arrays)).float() / 127.5 - 1
-    return Dataset(x, labels, len(classes), root.resolve().name, "images")
+    return Dataset(x, labels, len(classes), root.resolve().name, "images", levels=256)
 
 
 def _to_mode(im, mode: str):
@@ -383,4 +387,4 @@ def _load_array(path: Path) -> Dataset:
             raise ValueError(f"{path.name}: labels must be non-negative integers, got dtype {y.dtype}")
         labels = torch.from_numpy(y.astype(np.int64))
         num_classes = int(labels.max()) + 1
-    return Dataset(x.contiguous(), labels, num_classes, path.stem, kind)
+    return Dataset(x.contiguous(), labels, num_classes, path.stem, kind, levels=256 if a.dtype == np.uint8 else 0)

@@ -3,8 +3,9 @@
 * `sliced_wasserstein`: SW2 between two point clouds (Bonneel et al. 2015), the 2-D and
   low-dimensional workhorse; `noise_floor` is the same distance between two independent true
   sample sets of the same size, the value a perfect model would get.
-* `DigitsClassifier`: a logistic-regression classifier fit on the real scikit-learn digits; it
-  reports how many generated digits it recognises confidently and how the classes are covered.
+* `sample_quality`: every measure that fits the data (features.py's for images), beside its floor;
+* `pf_ode_nll`, `model_vlb` / `likelihood`: held-out likelihood through the probability-flow ODE and
+  the variational bound; `evaluate_run` does all of it for a run folder (`diffspace eval`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
+
+from . import process
+from .parameterization import broadcast
+from .samplers import get_sigmas
+from .schedules import DiscreteVP
 
 Tensor = torch.Tensor
 
@@ -43,45 +49,6 @@ def noise_floor(sample_true, n: int, seed: int = 0, n_proj: int = 512) -> float:
     """SW2 between two independent true sample sets of size n: `sample_true(n, generator)`."""
     g1, g2 = torch.Generator().manual_seed(seed + 101), torch.Generator().manual_seed(seed + 202)
     return sliced_wasserstein(sample_true(n, g1), sample_true(n, g2), n_proj)
-
-
-class DigitsClassifier:
-    """Multinomial logistic regression on the real 8x8 digits, scaled as data.load('digits') does
-    (x / 8 - 1 in [-1, 1]). Its test accuracy on held-out real digits is in `accuracy`."""
-
-    def __init__(self, seed: int = 0):
-        from sklearn.datasets import load_digits
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.model_selection import train_test_split
-
-        raw = load_digits()
-        x = raw.data / 8.0 - 1.0
-        xtr, xte, ytr, yte = train_test_split(x, raw.target, test_size=0.25, random_state=seed, stratify=raw.target)
-        self.model = LogisticRegression(max_iter=2000, C=1.0).fit(xtr, ytr)
-        self.accuracy = float(self.model.score(xte, yte))
-
-    def probabilities(self, images: Tensor):
-        """Class probabilities (N, 10) of images (N, 1, 8, 8) in [-1, 1] (clamped)."""
-        x = images.detach().float().clamp(-1, 1).reshape(len(images), -1).cpu().numpy()
-        return self.model.predict_proba(x)
-
-    def report(self, images: Tensor, threshold: float = 0.8) -> dict:
-        """confident: fraction with top probability >= threshold; class_fractions: predicted-class shares."""
-        p = self.probabilities(images)
-        top = p.argmax(1)
-        fractions = [float((top == k).mean()) for k in range(p.shape[1])]
-        import numpy as np
-
-        marginal = p.mean(0, keepdims=True)
-        kl = (p * (np.log(p + 1e-12) - np.log(marginal + 1e-12))).sum(1)
-        return {
-            "n": len(p),
-            "confident": float((p.max(1) >= threshold).mean()),
-            "classifier_score": float(np.exp(kl.mean())),  # Inception-Score form exp E KL(p(y|x) || p(y)), max 10
-            "class_fractions": fractions,
-            "min_class_fraction": min(fractions),
-            "classifier_accuracy": self.accuracy,
-        }
 
 
 # -- likelihood through the probability-flow ODE ----------------------------------------------------
@@ -152,57 +119,166 @@ def dequantized_bits_per_dim(nll_nats: Tensor, dim: int, bin_width: float) -> Te
     return (nll_nats - dim * math.log(bin_width)) / (dim * math.log(2))
 
 
-# -- a run, end to end: `diffspace eval RUN` -------------------------------------------------------------
-def evaluate_run(run: str, n: int = 2000, sampler: str = "", nfe: int = 0, seed: int = 0,
-                 nll_samples: int = 256, nll_steps: int = 32) -> dict:
-    """Sample n points from a run's EMA model and measure them against fresh data, every figure
-    next to its noise floor (the same measure between two independent real sets of the same size):
+# -- likelihood through the variational bound ---------------------------------------------------------
+def vlb_chain(model, steps: int = 0) -> DiscreteVP:
+    """The DDPM-style chain on which a trained model's bound is computed. A model trained on a
+    discrete chain (presets ddpm, iddpm) uses that chain, respaced to `steps` if given (Nichol &
+    Dhariwal 2021, sec. 4); any other model the chain whose noise levels sigma~ are its preset's
+    sampling grid with `steps` (default 1000) levels (schedules.DiscreteVP.from_sigmas)."""
+    chain = model.schedule
+    if isinstance(chain, DiscreteVP):
+        return chain.respaced(steps) if steps else chain
+    preset = model.preset
+    sigmas = get_sigmas(preset.time_steps, steps or 1000, **preset.time_step_kwargs)[:-1].flip(0)
+    return DiscreteVP.from_sigmas(sigmas, name=f"{preset.name}-grid-{len(sigmas)}")
 
-    * points: sliced W2 and energy distance; for the analytic mixtures also KL(model || data),
-      estimated as E_model[-log p_data] - H(p_data) with the entropy H from real samples;
-    * digits: the classifier's confident share, class coverage and Inception-Score-style figure;
-    * likelihood: NLL of held-out data through the probability-flow ODE, in nats/dim
-      (points) or dequantized bits/dim (digits: 17 grey levels, bin width 1/8)."""
+
+def model_vlb(denoiser, x: Tensor, chain: DiscreteVP, variance="beta_tilde", levels: int = 0,
+              generator: torch.Generator | None = None) -> Tensor:
+    """The bound L_T + sum_i L_{i-1} + L_0 in nats per sample (Ho et al. 2020, eq. 5) of a model given
+    as a denoiser D(x~, sigma~), on a DiscreteVP chain. Its reverse step is the Gaussian
+
+        p(x_{i-1} | x_i) = N(mu~_i(x_i, x0_hat), Sigma_i),  x0_hat = D(x_i / sqrt(abar_i), sqrt(1 / abar_i - 1)),
+
+    mu~ the mean of the posterior q(x_{i-1} | x_i, x_0) at x_0 = x0_hat (eq. 7; the lecture's reduction of
+    the KL to a prediction), Sigma the fixed beta or beta_tilde (process.reverse_variance) or a learned one:
+    variance = a callable (x~, sigma~) -> (D, v) (train.Diffusion.denoise_with_variance; process.learned_variance).
+    L_0 is the discretized decoder over `levels` values (quantized data: a probability) or, levels = 0,
+    the Gaussian density of continuous data. Each term is drawn at its own x_i ~ q(x_i | x_0).
+    In bits/dim: process.bits_per_dim(result, x)."""
+    learned = callable(variance)
+
+    def model_fn(x_t: Tensor, i: Tensor):
+        abar = chain.alphas_bar.to(x_t.device)[i]
+        x_tilde = x_t / broadcast(abar.sqrt(), x_t).to(x_t.dtype)
+        sigma = (1 / abar - 1).sqrt().to(x_t.dtype)
+        x0_hat, v = variance(x_tilde, sigma) if learned else (denoiser(x_tilde, sigma), None)
+        mean = process.ddpm_posterior(x0_hat, x_t, i, chain)[0]
+        var = process.learned_variance(v, i, chain) if learned else process.reverse_variance(chain, variance)[i - 1]
+        return mean, var
+
+    decoder = "discretized" if levels else "gaussian"
+    return process.vlb(x, model_fn, chain, generator=generator, decoder=decoder, levels=levels or 256)
+
+
+# -- sample quality beside its noise floor -------------------------------------------------------------
+Row = tuple  # (measure, model value, noise floor or None)
+
+
+def real_sets(data, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Two independent real sets (a, b) of one size for a noise floor: fresh draws of n points for
+    generated 2-D data (data.load of the dataset's name with two seeds), else two disjoint random
+    halves of the stored data, at most n each (so for the digits at most 898)."""
+    from .data import GENERATORS, MIXTURE_SPECS, load
+
+    if data.name in GENERATORS or data.name in MIXTURE_SPECS:
+        return load(data.name, n=n, seed=1_001 + seed).x, load(data.name, n=n, seed=1_002 + seed).x
+    half = min(n, len(data) // 2)
+    if half < 2:
+        raise ValueError(f"{data.name!r} holds {len(data)} samples: too few for two real sets")
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    return data.x[perm[:half]], data.x[perm[half:2 * half]]
+
+
+def sample_quality(x: Tensor, data, *, seed: int = 0, inception: str | None = None,
+                   feature_net=None) -> list[Row]:
+    """Measures of samples x against the real data, each next to its noise floor, the same measure
+    between two independent real sets of the same size (real_sets: a, b): model = m(x, a), floor =
+    m(b, a), with x cut to the size of a. Lower is better unless the name says 'higher'.
+
+    * always: sliced W2 (in pixel space for images);
+    * points: energy distance; for the analytic mixtures KL(model || data) = E_x[-log p(x)] - H(p),
+      with H estimated on a;
+    * digits: in the digits feature net (features.digits_metrics): FD_digits, precision, recall,
+      classifier score, the confident share and the smallest class share;
+    * images with `inception` (a local FID Inception weights file): FD_inception (the FID with
+      pytorch-fid's file), precision and recall in its features."""
     from .analytic import MIXTURES
-    from .data import MIXTURE_SPECS, load
+    from .data import MIXTURE_SPECS
+
+    a, b = real_sets(data, len(x), seed)
+    if len(x) < len(a):
+        raise ValueError(f"{len(x)} samples are too few: the floor uses real sets of {len(a)}; draw at least that many")
+    x = x[:len(a)].detach().cpu().float()
+    rows: list[Row] = [("sliced W2", sliced_wasserstein(x, a), sliced_wasserstein(b, a))]
+    if data.kind == "points":
+        rows.append(("energy distance", energy_distance(x, a), energy_distance(b, a)))
+        if data.name in MIXTURE_SPECS:
+            mixture = MIXTURES[MIXTURE_SPECS[data.name]]()
+            cross = lambda y: float(-mixture.log_prob(y.double()).mean())  # noqa: E731
+            rows.append(("KL(model || data), nats", cross(x) - cross(a), cross(b) - cross(a)))
+    if data.name == "digits":
+        from .features import digits_feature_net, digits_metrics
+
+        net = feature_net if feature_net is not None else digits_feature_net()
+        m, f = digits_metrics(x, a, net), digits_metrics(b, a, net)
+        names = [("FD_digits", "FD (digits features)"), ("precision", "precision (higher)"),
+                 ("recall", "recall (higher)"), ("classifier_score", "classifier score (higher, max 10)"),
+                 ("confident", "confident share p >= 0.8 (higher)"), ("min_class_fraction", "smallest class share (higher)")]
+        rows += [(label, m[key], f[key]) for key, label in names]
+    if inception and data.kind == "images":
+        from .features import inception_metrics
+
+        m, f = inception_metrics(x, a, inception), inception_metrics(b, a, inception)
+        rows += [("FD_inception (FID)", m["FD_inception"], f["FD_inception"]), ("precision, Inception (higher)",
+                 m["precision"], f["precision"]), ("recall, Inception (higher)", m["recall"], f["recall"])]
+    return rows
+
+
+def likelihood(model, test: Tensor, levels: int, *, vlb_steps=(0,), pf_ode_steps: int = 32,
+               seed: int = 0) -> list[Row]:
+    """Held-out likelihood of a train.Diffusion, per dimension: the variational bound on its chain
+    (vlb_chain; 0 = the full chain, K = respaced to K steps) with its own reverse variance (learned,
+    or beta_tilde) and, if pf_ode_steps, the probability-flow ODE NLL (RK4 steps). Quantized data
+    (levels > 0): bits/dim of the discrete values, the ODE's through uniform dequantization over each
+    level's bin (an upper bound); continuous data: nats/dim of the density."""
+    x = test.double()
+    dim = x[0].numel()
+    denoiser = lambda z, s: model(z.float(), s.float()).double()  # noqa: E731
+    variance = (lambda z, s: tuple(v.double() for v in model.denoise_with_variance(z.float(), s.float()))
+                ) if model.learned_variance else "beta_tilde"
+    unit = "bits/dim" if levels else "nats/dim"
+    scale = 1 / (dim * math.log(2)) if levels else 1 / dim
+    rows: list[Row] = []
+    with torch.no_grad():
+        for steps in vlb_steps:
+            chain = vlb_chain(model, steps)
+            nats = model_vlb(denoiser if not model.learned_variance else None, x, chain, variance, levels,
+                             generator=torch.Generator().manual_seed(seed))
+            sigma = "learned" if model.learned_variance else "beta_tilde"
+            rows.append((f"NLL bound (VLB, {chain.T} steps, Sigma {sigma}), {unit}", float(nats.mean()) * scale, None))
+    if pf_ode_steps:
+        if levels:  # uniform dequantization over each level's bin of width 2 / (levels - 1)
+            width = 2 / (levels - 1)
+            u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+            nll = pf_ode_nll(denoiser, x + (u - 0.5) * width, steps=pf_ode_steps)
+            value = float(dequantized_bits_per_dim(nll, dim, width).mean())
+        else:
+            value = float(pf_ode_nll(denoiser, x, steps=pf_ode_steps).mean()) / dim
+        rows.append((f"NLL (probability-flow ODE, {pf_ode_steps} RK4 steps), {unit}", value, None))
+    return rows
+
+
+# -- a run, end to end: `diffspace eval RUN` -------------------------------------------------------------
+def evaluate_run(run: str, n: int = 2000, sampler: str = "", nfe: int = 0, seed: int = 0, nll_samples: int = 256,
+                 pf_ode_steps: int = 32, vlb_steps=(0,), inception: str | None = None) -> dict:
+    """Sample n from a run's EMA model and measure them (sample_quality, each figure beside its noise
+    floor), then the likelihood of nll_samples held-out samples (likelihood: the VLB on the chains
+    `vlb_steps`, the probability-flow ODE with pf_ode_steps; 0 / () skips them)."""
+    from .data import load
     from .train import load_model, sample
 
     model, cfg, info = load_model(run)
-    shape = tuple(info["shape"])
-    x = sample(model, n, shape, torch.Generator().manual_seed(seed), sampler, nfe)
-    spec = cfg.data.spec
-    data = load(spec, n=cfg.data.n or None, size=cfg.data.size or None, channels=cfg.data.channels or None,
-                seed=cfg.train.seed)
+    data = load(cfg.data.spec, n=cfg.data.n or None, size=cfg.data.size or None,
+                channels=cfg.data.channels or None, seed=cfg.train.seed)
     _, test = data.split(cfg.data.test_fraction, seed=cfg.train.seed)
-    rows: list[tuple[str, float, float | None]] = []  # (measure, value, noise floor)
-    if len(shape) == 1:
-        fresh = lambda k, s: load(spec, n=k, seed=1_000 + s).x
-        a, b = fresh(n, 1), fresh(n, 2)
-        rows.append(("sliced W2", sliced_wasserstein(x, a), sliced_wasserstein(b, a)))
-        rows.append(("energy distance", energy_distance(x, a), energy_distance(b, a)))
-        if spec in MIXTURE_SPECS:
-            mixture = MIXTURES[MIXTURE_SPECS[spec]]()
-            entropy = float(-mixture.log_prob(a.double()).mean())
-            rows.append(("KL(model || data), nats", float(-mixture.log_prob(x.double()).mean()) - entropy,
-                         float(-mixture.log_prob(b.double()).mean()) - entropy))
-    elif spec == "digits":
-        clf = DigitsClassifier(seed=0)
-        real = load("digits").x
-        r, r_real = clf.report(x), clf.report(real)
-        rows += [("confident share (p >= 0.8)", r["confident"], r_real["confident"]),
-                 ("smallest class share", r["min_class_fraction"], r_real["min_class_fraction"]),
-                 ("classifier score (max 10)", r["classifier_score"], r_real["classifier_score"])]
-    held_out = test.x[:nll_samples].double()
-    dim = held_out[0].numel()
-    denoiser = lambda z, s: model(z.float(), s.float()).double()
-    if spec == "digits":  # uniform dequantization over each grey level's bin
-        u = torch.rand(held_out.shape, generator=torch.Generator().manual_seed(seed), dtype=held_out.dtype)
-        nll = pf_ode_nll(denoiser, held_out + (u - 0.5) / 8, steps=nll_steps)
-        rows.append(("test NLL, bits/dim (PF-ODE, dequantized)", float(dequantized_bits_per_dim(nll, dim, 1 / 8).mean()), None))
-    else:
-        nll = pf_ode_nll(denoiser, held_out, steps=nll_steps)
-        rows.append(("test NLL, nats/dim (PF-ODE)", float(nll.mean()) / dim, None))
-    return {"run": str(run), "spec": spec, "n": n, "sampler": sampler or model.preset.solver, "nfe": nfe, "rows": rows}
+    x = sample(model, n, tuple(info["shape"]), torch.Generator().manual_seed(seed), sampler, nfe)
+    rows = sample_quality(x, data, seed=seed, inception=inception)
+    if nll_samples:
+        rows += likelihood(model, test.x[:nll_samples], data.levels, vlb_steps=vlb_steps,
+                           pf_ode_steps=pf_ode_steps, seed=seed)
+    return {"run": str(run), "spec": cfg.data.spec, "n": n, "sampler": sampler or model.preset.solver, "nfe": nfe,
+            "rows": rows, "model": model, "samples": x, "data": data}
 
 
 def markdown(result: dict) -> str:

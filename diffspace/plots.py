@@ -7,7 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .schedules import Schedule
+from . import losses
+from .presets import PRESETS, Preset
+from .samplers import SAMPLERS, get_sigmas, sampler_nfe
+from .schedules import DiscreteVP, Schedule
 
 
 def _pyplot():
@@ -143,7 +146,7 @@ def forward_process_images(x: torch.Tensor, schedule: Schedule | None, path: Pat
         xt = (schedule.alpha(tt) * x.double() + schedule.sigma(tt) * eps.double()).float()
         for i in range(len(x)):
             ax = fig.add_subplot(grid[i, j])
-            ax.imshow(xt[i, 0].clamp(-2.5, 2.5), cmap="gray", vmin=-2.5, vmax=2.5)
+            ax.imshow(xt[i, 0].clamp(-2.5, 2.5).numpy(), cmap="gray", vmin=-2.5, vmax=2.5)
             ax.set(xticks=[], yticks=[])
             if i == 0:
                 ax.set_title(f"t = {t:g}", fontsize=9)
@@ -169,7 +172,7 @@ def reverse_snapshots(snapshots: list, path: Path, columns: int = 8) -> Path:
         for i in range(n):
             for r, (img, lim) in enumerate([(x[i, 0] / (1 + sigma**2) ** 0.5, 2.5), (den[i, 0], 1.0)]):
                 ax = axes[2 * i + r, j]
-                ax.imshow(img.clamp(-lim, lim), cmap="gray", vmin=-lim, vmax=lim)
+                ax.imshow(img.clamp(-lim, lim).cpu().numpy(), cmap="gray", vmin=-lim, vmax=lim)
                 ax.set(xticks=[], yticks=[])
         axes[0, j].set_title(f"sigma={sigma:.3g}", fontsize=8)
     axes[0, 0].set_ylabel("x_t", fontsize=8)
@@ -188,6 +191,282 @@ def loss_curve(metrics_csv: Path, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows])
     ax.set(xlabel="step", ylabel="weighted loss", yscale="log", title="training loss")
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+# -- reverse-process trajectories on 2-D data ------------------------------------------------------------
+def trajectory(sampler: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, generator=None, **options):
+    """The states a sampler passes through: (levels (S,), states (S, *x.shape)) holding the start x at
+    sigmas[0], every state the sampler reports to its callback (the state before each step, at the
+    level it reports, e.g. EDM's sigma_hat after churn) and the final sample at sigmas[-1]."""
+    levels, states = [float(sigmas[0])], [x.detach().clone()]
+
+    def record(s):
+        levels.append(float(s["sigma"]))
+        states.append(s["x"].detach().clone())
+
+    with torch.no_grad():
+        out = SAMPLERS[sampler](denoiser, x, sigmas, generator=generator, callback=record, **options)
+    levels.append(float(sigmas[-1]))
+    states.append(out.detach().clone())
+    return torch.tensor(levels, dtype=torch.float64), torch.stack(states)
+
+
+def vp_scaled(states: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """x~ / sqrt(1 + sigma^2): the scale-free state in VP coordinates z_t = alpha_t x~ with
+    alpha_t = 1 / sqrt(1 + sigma^2) (Karras et al. 2022, sec. 4), so noise at sigma = 80 and data share axes."""
+    scale = (1 + levels.to(states.device, torch.float64) ** 2) ** -0.5
+    return states * scale.to(states.dtype).reshape(-1, *([1] * (states.ndim - 1)))
+
+
+def _density_background(ax, lim: float, log_density=None, reference=None, bins: int = 200) -> None:
+    """log_density(points) as filled contours on [-lim, lim]^2 (clipped 12 nats below its maximum),
+    else a 2-D histogram of `reference` points, else nothing."""
+    if log_density is not None:
+        u = torch.linspace(-lim, lim, bins, dtype=torch.float64)
+        X, Y = torch.meshgrid(u, u, indexing="xy")
+        with torch.no_grad():
+            lp = log_density(torch.stack([X.flatten(), Y.flatten()], dim=1)).reshape(bins, bins).double().cpu()
+        ax.contourf(X.numpy(), Y.numpy(), lp.clamp(min=float(lp.max()) - 12).numpy(), levels=12, cmap="Blues")
+    elif reference is not None:
+        r = reference.detach().double().cpu().reshape(len(reference), -1)
+        ax.hist2d(r[:, 0].numpy(), r[:, 1].numpy(), bins=150, range=[[-lim, lim], [-lim, lim]], cmap="Blues", cmin=1)
+
+
+def _draw_paths(ax, paths: torch.Tensor, levels: torch.Tensor):
+    """Paths (S, n, 2) as line segments coloured by log10 of the noise level they start from,
+    start points as black circles, end points as red dots; returns the segments (for a colour bar)."""
+    from matplotlib.collections import LineCollection
+
+    p = paths.detach().double().cpu()
+    segments = torch.stack([p[:-1], p[1:]], dim=2).transpose(0, 1).reshape(-1, 2, 2)  # (n (S-1), 2, 2)
+    shade = torch.log10(levels[:-1].clamp(min=1e-3)).repeat(p.shape[1])
+    lines = LineCollection(segments.numpy(), array=shade.numpy(), cmap="plasma", lw=0.9, alpha=0.75)
+    ax.add_collection(lines)
+    ends = p[[0, -1]].numpy()
+    ax.scatter(ends[0, :, 0], ends[0, :, 1], s=18, facecolors="none", edgecolors="k", lw=0.8, label="start (noise)",
+               zorder=3)
+    ax.scatter(ends[1, :, 0], ends[1, :, 1], s=14, c="red", label="end (sample)", zorder=4)
+    return lines
+
+
+def reverse_trajectories(denoiser, path: Path, *, log_density=None, reference=None, n: int = 32,
+                         sigma_max: float = 80.0, steps: int = 18, churn: float = 40.0, seed: int = 0,
+                         device="cpu") -> Path:
+    """Reverse-process paths of n particles of 2-D data, from the same noise x = sigma_max * N(0, I):
+    left, the probability-flow ODE (Heun, Karras et al. 2022 Algorithm 1); right, the stochastic
+    EDM sampler (Algorithm 2, S_churn = `churn`, plain Heun at churn = 0); both on the EDM grid with
+    `steps` levels (samplers.get_sigmas('edm', steps, sigma_max=...)). States are collected through the
+    samplers' callback (`trajectory`) and drawn in VP-scaled coordinates x / sqrt(1 + sigma^2)
+    (`vp_scaled`), so that the start (unit Gaussian noise) and the data share the axes. Behind the
+    paths: filled contours of log_density(points) (e.g. an analytic mixture's log_prob) if given, else
+    a 2-D histogram of `reference` points. `denoiser` is any D(x, sigma) (a Diffusion model, a mixture)
+    taking float32 points on `device`."""
+    plt = _pyplot()
+    g = torch.Generator(device=device).manual_seed(seed)
+    sigmas = get_sigmas("edm", steps, sigma_max=sigma_max)
+    x = sigma_max * torch.randn(n, 2, generator=g, device=device)
+    runs = [(f"ODE: heun, {sampler_nfe('heun', steps)} NFE", trajectory("heun", denoiser, x, sigmas)),
+            (f"SDE: edm_sde, S_churn = {churn:g}, {sampler_nfe('edm_sde', steps)} NFE",
+             trajectory("edm_sde", denoiser, x, sigmas, generator=g, S_churn=churn))]
+    paths = [vp_scaled(states, levels) for _, (levels, states) in runs]
+    lim = 1.1 * float(torch.quantile(torch.cat([p.flatten() for p in paths]).abs().double(), 0.995))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.8), layout="constrained")
+    for ax, (title, (levels, _)), p in zip(axes, runs, paths):
+        _density_background(ax, lim, log_density, reference)
+        lines = _draw_paths(ax, p, levels)
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=title,
+               xlabel="x_1 / sqrt(1 + sigma^2)", ylabel="x_2 / sqrt(1 + sigma^2)")
+    axes[0].legend(loc="upper right", fontsize=8)
+    fig.colorbar(lines, ax=axes, shrink=0.8, label="log10 sigma of the step")
+    fig.suptitle(f"reverse process from sigma = {sigma_max:g} to 0 over the data density, {len(x)} particles")
+    return _save(fig, plt, path)
+
+
+# -- training loss per noise level --------------------------------------------------------------------------
+def _logsnr_bounds(schedule: Schedule, low: float, high: float) -> tuple[float, float]:
+    """[low, high] cut to the schedule's log-SNR range [lambda(t_max), lambda(t_min)]."""
+    ends = schedule.logsnr(torch.tensor([schedule.t_min, schedule.t_max], dtype=torch.float64))
+    return max(low, float(ends[1])), min(high, float(ends[0]))
+
+
+def noise_levels(model, n_levels: int, logsnr_range: tuple[float, float] | None = None, draws: int = 10_000):
+    """Training times t of `n_levels` noise levels of a train.Diffusion, evenly spaced in log-SNR over
+    the range its noise distribution visits (min .. max of `draws` seeded draws), or over
+    `logsnr_range` cut to the schedule's range, mapped by schedule.t_from_logsnr. On a discrete chain
+    (DiscreteVP, e.g. DDPM) t is snapped to the steps i / T, i = 1..T (duplicates dropped), where
+    the chain and its 'vlb' weighting are defined. Sorted by increasing log-SNR."""
+    sch = model.schedule
+    if logsnr_range is None:
+        lam = sch.logsnr(model.noise(draws, sch, generator=torch.Generator().manual_seed(0)))
+        low, high = float(lam.min()), float(lam.max())
+    else:
+        low, high = _logsnr_bounds(sch, *logsnr_range)
+    t = sch.t_from_logsnr(torch.linspace(low, high, n_levels, dtype=torch.float64))
+    if isinstance(sch, DiscreteVP):
+        t = torch.unique(torch.round(t * sch.T).clamp(1, sch.T)) / sch.T
+    return t[torch.argsort(sch.logsnr(t))]
+
+
+@torch.no_grad()
+def loss_per_noise_level(model, x: torch.Tensor, *, n_levels: int = 32, labels: torch.Tensor | None = None,
+                         seed: int = 0, logsnr_range: tuple[float, float] | None = None):
+    """The per-t training loss of a train.Diffusion: at each level t of `noise_levels`,
+
+        L(t) = mean_i model.loss(x_i, labels, g, t)     (w(t) ||target - prediction||^2 in its own space),
+
+    with the same noise eps at every level (g reseeded with `seed`: common random numbers, a smoother
+    curve). The model is used in the mode it is in (call .eval() for dropout-free numbers).
+    Returns (t, lambda = schedule.logsnr(t), L), each of shape (levels,)."""
+    t = noise_levels(model, n_levels, logsnr_range)
+    loss = []
+    for t_k in t.tolist():
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        tt = torch.full((x.shape[0],), t_k, dtype=torch.float64, device=x.device)
+        loss.append(model.loss(x, labels, g, t=tt).mean().double().cpu())
+    return t, model.schedule.logsnr(t), torch.stack(loss)
+
+
+def loss_per_noise_level_figure(models, x: torch.Tensor, path: Path, *, n_levels: int = 32,
+                                labels: torch.Tensor | None = None, seed: int = 0,
+                                logsnr_range: tuple[float, float] | None = None) -> Path:
+    """The weighted training loss L(t) of `loss_per_noise_level` against log-SNR lambda_t, one line per
+    model (a Diffusion, or a dict label -> Diffusion to compare runs on the same data x and noise).
+    Each curve is its model's own objective, so lines are comparable where the objectives agree."""
+    models = models if isinstance(models, dict) else {"model": models}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, model in models.items():
+        _, lam, loss = loss_per_noise_level(model, x, n_levels=n_levels, labels=labels, seed=seed,
+                                            logsnr_range=logsnr_range)
+        desc = f"{model.preset.name}, {model.parameterization}, {model.weighting}"
+        ax.plot(lam.numpy(), loss.numpy(), marker=".", label=f"{label} ({desc})")
+    ax.set(xlabel="log-SNR lambda = log(alpha_t^2 / sigma_t^2)", ylabel="mean weighted loss", yscale="log",
+           title="training loss per noise level")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+# -- loss weightings -------------------------------------------------------------------------------------
+LOSS_SPACES = ("x0", "eps", "v", "flow", "score")
+
+
+def lsimple_weights(schedule: Schedule, logsnr: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The weight L_simple (weight 1 on ||eps - eps_hat||^2, Ho et al. 2020 eq. 14) puts on each
+    parameterization's error at log-SNR `logsnr`: losses.convert_weight(1, 'eps', p, t, schedule),
+    t = schedule.t_from_logsnr(logsnr). x0: SNR = exp(lambda); eps: 1; score: sigma_t^2 (energy: the same);
+    v: alpha^2 / (alpha^2 + sigma^2)^2 (alpha_t^2 on VP schedules);
+    flow: (alpha/sigma)^2 / (alpha' - sigma' alpha/sigma)^2 (alpha_t^2 on rectified flow)."""
+    t = schedule.t_from_logsnr(torch.as_tensor(logsnr, dtype=torch.float64))
+    return {p: losses.convert_weight(torch.ones_like(t), "eps", p, t, schedule) for p in LOSS_SPACES}
+
+
+def x0_weight(schedule: Schedule, weighting: str, *, defined_in: str | None = None,
+              logsnr_range: tuple[float, float] = (-12.0, 12.0), n: int = 400, **kwargs):
+    """(lambda, w): the x0-space weight lambda(sigma) on ||D - x||^2 of a losses.WEIGHTINGS entry stated in
+    `defined_in` (losses.weighting(..., space='x0')), over `logsnr_range` cut to the schedule's range.
+    Continuous schedules: n levels even in log-SNR. Discrete chains (DiscreteVP): the steps t = i / T,
+    i = 1..T, where the chain is defined; 'vlb' takes the index i itself (losses.vlb_weight)."""
+    low, high = _logsnr_bounds(schedule, *logsnr_range)
+    if isinstance(schedule, DiscreteVP):
+        i = torch.arange(1, schedule.T + 1, dtype=torch.float64)
+        t = schedule.discrete_t(i)
+        arg = i if weighting == "vlb" else t
+    else:
+        t = arg = schedule.t_from_logsnr(torch.linspace(low, high, n, dtype=torch.float64))
+    lam = schedule.logsnr(t)
+    w = losses.weighting(weighting, arg, schedule, space="x0", defined_in=defined_in, **kwargs)
+    keep = (lam >= low) & (lam <= high)
+    return lam[keep], w[keep]
+
+
+def preset_x0_weight(preset: Preset, **options):
+    """x0_weight of a preset's own weighting on its training schedule (Karras et al. 2022, Table 1
+    'loss weighting' as lambda(sigma); DDPM's L_simple and rectified flow's flow loss converted)."""
+    return x0_weight(preset.training_schedule, preset.weighting, defined_in=preset.weighting_space,
+                     **options, **preset.weighting_kwargs)
+
+
+def weighting_figure(path: Path, schedule: Schedule | None = None,
+                     logsnr_range: tuple[float, float] = (-12.0, 12.0)) -> Path:
+    """The lecture's loss-weighting table drawn, against log-SNR lambda, log y-axis:
+    left, the weight L_simple (eps-space weight 1) puts on each parameterization's error on a VP
+    schedule (default: iDDPM cosine; `lsimple_weights`); right, the x0-space weight lambda(sigma) on
+    ||D - x||^2 of every preset's own weighting (presets.PRESETS, `preset_x0_weight`), plus DDPM's true
+    VLB weighting (Ho et al. 2020, eq. 12) on its discrete chain (i = 1..T) for contrast."""
+    from .schedules import Cosine
+
+    schedule = schedule or Cosine()
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    low, high = _logsnr_bounds(schedule, *logsnr_range)
+    lam = torch.linspace(low, high, 400, dtype=torch.float64)
+    formulas = {"x0": "SNR = exp(lambda)", "eps": "1", "v": "alpha^2 / (alpha^2 + sigma^2)^2", "flow":
+                "(alpha/sigma)^2 / (alpha' - sigma' alpha/sigma)^2", "score": "sigma^2 (= energy)"}
+    for p, w in lsimple_weights(schedule, lam).items():
+        axes[0].plot(lam.numpy(), w.numpy(), label=f"{p}: {formulas[p]}")
+    axes[0].set(title=f"L_simple seen in each loss space ({schedule.name} schedule)",
+                ylabel="weight on ||p - p_hat||^2")
+    styles = ["-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3))]
+    for k, (name, preset) in enumerate(PRESETS.items()):
+        lam_p, w = preset_x0_weight(preset, logsnr_range=logsnr_range)
+        axes[1].plot(lam_p.numpy(), w.numpy(), ls=styles[k % len(styles)], lw=2.5 - 0.3 * k,
+                     label=f"{name}: {preset.text['weighting']}")
+    ddpm = PRESETS["ddpm"]
+    lam_v, w_v = x0_weight(ddpm.training_schedule, "vlb", logsnr_range=logsnr_range)
+    axes[1].plot(lam_v.numpy(), w_v.numpy(), color="gray", lw=1, label="ddpm L_vlb (Ho et al. eq. 12), i = 1..T")
+    axes[1].set(title="each preset's weighting as lambda(sigma) on ||D - x||^2", ylabel="x0-space weight")
+    for ax in axes:
+        ax.set(xlabel="log-SNR lambda = log(alpha_t^2 / sigma_t^2)", yscale="log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+# -- comparisons ------------------------------------------------------------------------------------------
+def quality_vs_nfe(results: dict, path: Path, *, metric_name: str, floor: float | None = None,
+                   log_y: bool = False, title: str | None = None) -> Path:
+    """Sample quality against the number of denoiser evaluations: results = {label: {nfe: value}}, one
+    line with markers per label (preset / sampler), log-x NFE, and the metric's noise floor (e.g. the
+    sliced W2 between two true sample sets, evaluate.noise_floor) as a dashed line if given."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, curve in results.items():
+        nfe = sorted(curve)
+        ax.plot(nfe, [curve[k] for k in nfe], marker="o", label=label)
+    if floor is not None:
+        ax.axhline(floor, color="gray", ls="--", label=f"noise floor {floor:.3g}")
+    ax.set(xscale="log", xlabel="NFE (denoiser evaluations)", ylabel=metric_name,
+           title=title or f"{metric_name} vs NFE", yscale="log" if log_y else "linear")
+    ticks = sorted({k for curve in results.values() for k in curve})
+    ax.set_xticks(ticks, [f"{k:g}" for k in ticks], minor=False)
+    ax.set_xticks([], minor=True)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def bar_table(rows: dict, path: Path, *, title: str = "runs side by side", floors: dict | None = None) -> Path:
+    """rows = {run: {metric: value}} as bars: one panel per metric (their scales differ), one bar per
+    run (e.g. sample quality and bits/dim of runs trained with different objectives), the value
+    printed on each bar and a metric's noise floor (floors = {metric: value}) as a dashed line."""
+    metrics = list(dict.fromkeys(m for r in rows.values() for m in r))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 + 0.6 * len(rows) * len(metrics) + 1.5 * len(metrics), 4),
+                             squeeze=False)
+    names = list(rows)
+    for ax, metric in zip(axes[0], metrics):
+        values = [rows[r].get(metric, float("nan")) for r in names]
+        bars = ax.bar(range(len(names)), values, color=[f"C{k}" for k in range(len(names))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        if floors and metric in floors:
+            ax.axhline(floors[metric], color="gray", ls="--", label="noise floor")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set(title=metric, xlabel="run", ylabel=metric)
+    fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, plt, path)
 

@@ -108,6 +108,16 @@ def reverse_variance(schedule: DiscreteVP, kind: str) -> Tensor:
     return torch.cat([bt[1:2] if schedule.T > 1 else schedule.betas[:1], bt[1:]])
 
 
+def learned_variance(v: Tensor, i, schedule: DiscreteVP) -> Tensor:
+    """A learned reverse variance at steps i: Sigma = exp(v log beta_t + (1 - v) log beta~_t), v in
+    [0, 1] elementwise, interpolating the two fixed choices in log space (Nichol & Dhariwal 2021,
+    eq. 15); beta~ is `reverse_variance`'s (beta~_2 at t = 1)."""
+    i = _check_index(i, _check_chain(schedule))
+    log_beta = broadcast(torch.log(schedule.betas).to(v.device)[i - 1], v)
+    log_tilde = broadcast(torch.log(reverse_variance(schedule, "beta_tilde")).to(v.device)[i - 1], v)
+    return torch.exp(v * log_beta + (1 - v) * log_tilde)
+
+
 def ddpm_posterior(x0: Tensor, x_t: Tensor, i, schedule: DiscreteVP) -> tuple[Tensor, Tensor]:
     """(mu~_t, beta~_t) of q(x_{t-1} | x_t, x_0) at step t = i (Ho et al. 2020, eq. 6-7):
 
@@ -145,18 +155,22 @@ def _log_diff_ndtr(a: Tensor, b: Tensor) -> Tensor:
     return log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
 
 
-def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, var: Tensor, levels: int = 256) -> Tensor:
     """Elementwise log p(x) of the discretized Gaussian decoder (Ho et al. 2020, eq. 13).
 
-    x holds 8-bit data scaled to [-1, 1] (x = 2k/255 - 1); each value owns the bin
-    [x - 1/255, x + 1/255], and the edge bins extend to -inf (x = -1) and +inf (x = 1):
+    x holds data quantized to `levels` values scaled to [-1, 1], x = 2k / (levels - 1) - 1 (8-bit
+    images: levels = 256, bin half-width 1/255; scikit-learn's digits: 17 grey levels). Each value
+    owns the bin [x - h, x + h], h = 1 / (levels - 1), and the edge bins extend to -inf (x = -1) and
+    +inf (x = 1):
 
-        p(x) = Phi((x + 1/255 - mean) / std) - Phi((x - 1/255 - mean) / std).
+        p(x) = Phi((x + h - mean) / std) - Phi((x - h - mean) / std).
 
     Computed as a log-difference of log-CDFs in the nearer tail, so it stays finite for bins far
     out in either tail.
     """
-    half = 1 / 255
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels={levels!r} is not allowed: the number of quantization levels must be an integer >= 2")
+    half = 1 / (levels - 1)
     std = torch.sqrt(var)
     lower = torch.where(x < -1 + half, -math.inf, (x - half - mean) / std)
     upper = torch.where(x > 1 - half, math.inf, (x + half - mean) / std)
@@ -175,12 +189,14 @@ def prior_kl(x0: Tensor, schedule: DiscreteVP) -> Tensor:
 
 
 def vlb_term(x0: Tensor, x_t: Tensor, i, model_mean: Tensor, model_var, schedule: DiscreteVP,
-             decoder: str = "discretized") -> Tensor:
+             decoder: str = "discretized", levels: int = 256) -> Tensor:
     """L_{i-1} per sample for steps i (an int or shape (B,)) (Ho et al. 2020, eq. 5):
 
         i >= 2:  KL(q(x_{i-1} | x_i, x_0) || N(model_mean, model_var)),
-        i = 1:   -log p(x_0 | x_1), with p the discretized decoder (eq. 13) or, with
-                 decoder="gaussian", the continuous density N(x_0; model_mean, model_var).
+        i = 1:   -log p(x_0 | x_1), with p the discretized decoder over `levels` values (eq. 13)
+                 or, with decoder="gaussian", the continuous density N(x_0; model_mean, model_var).
+
+    model_var is a scalar, per sample (B,) or elementwise (a learned diagonal variance).
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; allowed: {', '.join(DECODERS)}")
@@ -191,11 +207,12 @@ def vlb_term(x0: Tensor, x_t: Tensor, i, model_mean: Tensor, model_var, schedule
     if decoder == "gaussian":
         nll = _per_sample(gaussian_nll(x0, model_mean, model_var))
     else:
-        nll = -_per_sample(discretized_gaussian_log_likelihood(x0, model_mean, model_var))
+        nll = -_per_sample(discretized_gaussian_log_likelihood(x0, model_mean, model_var, levels))
     return torch.where(i == 1, nll, kl)
 
 
-def vlb(x0: Tensor, model_fn, schedule: DiscreteVP, generator=None, decoder: str = "discretized") -> Tensor:
+def vlb(x0: Tensor, model_fn, schedule: DiscreteVP, generator=None, decoder: str = "discretized",
+        levels: int = 256) -> Tensor:
     """The bound L_T + sum_{i=2}^T L_{i-1} + L_0 per sample, in nats (Ho et al. 2020, eq. 5;
     Sohl-Dickstein et al. 2015), each term at its own x_i ~ q(x_i | x_0).
 
@@ -204,21 +221,22 @@ def vlb(x0: Tensor, model_fn, schedule: DiscreteVP, generator=None, decoder: str
     total = prior_kl(x0, schedule)
     for step in range(schedule.T, 0, -1):
         i = torch.full(x0.shape[:1], step, dtype=torch.long, device=x0.device)
-        total = total + _sampled_term(x0, i, model_fn, schedule, generator, decoder)
+        total = total + _sampled_term(x0, i, model_fn, schedule, generator, decoder, levels)
     return total
 
 
-def vlb_one_t(x0: Tensor, model_fn, schedule: DiscreteVP, generator=None, decoder: str = "discretized") -> Tensor:
+def vlb_one_t(x0: Tensor, model_fn, schedule: DiscreteVP, generator=None, decoder: str = "discretized",
+              levels: int = 256) -> Tensor:
     """Unbiased one-step estimate of `vlb`: L_T + T L_{i-1} with i ~ U{1, ..., T} per sample
     (Ho et al. 2020, eq. 5 with the sum over t replaced by T times a uniform draw)."""
     i = torch.randint(1, _check_chain(schedule).T + 1, x0.shape[:1], generator=generator, device=x0.device)
-    return prior_kl(x0, schedule) + schedule.T * _sampled_term(x0, i, model_fn, schedule, generator, decoder)
+    return prior_kl(x0, schedule) + schedule.T * _sampled_term(x0, i, model_fn, schedule, generator, decoder, levels)
 
 
-def _sampled_term(x0, i, model_fn, schedule, generator, decoder) -> Tensor:
+def _sampled_term(x0, i, model_fn, schedule, generator, decoder, levels) -> Tensor:
     x_t, _ = q_sample(x0, schedule.discrete_t(i), schedule, generator=generator)
     mean, var = model_fn(x_t, i)
-    return vlb_term(x0, x_t, i, mean, var, schedule, decoder)
+    return vlb_term(x0, x_t, i, mean, var, schedule, decoder, levels)
 
 
 def bits_per_dim(nats: Tensor, x: Tensor) -> Tensor:

@@ -208,17 +208,29 @@ def ddpm(denoiser, x, sigmas, *, variance="beta", generator=None, callback=None)
         sigma_up^2 = (s^2 - s'^2)(1 + s'^2) / (1 + s^2)     (variance='beta', sigma_t^2 = beta_t: default)
         sigma_up^2 = s'^2 (s^2 - s'^2) / s^2                 (variance='beta_tilde', the posterior's)
 
-    Ho et al. report both choices give similar samples. No noise on the step to sigma = 0 (z = 0 at t = 1).
+    Ho et al. report both choices give similar samples. A learned variance (Nichol & Dhariwal 2021,
+    eq. 15) is a callable variance(x, sigma) -> (D, v) used in place of the denoiser (one evaluation
+    per step), v elementwise in [0, 1]: sigma_up^2 = exp(v log(beta's) + (1 - v) log(beta_tilde's)).
+    No noise on the step to sigma = 0 (z = 0 at t = 1).
     """
-    if variance not in ("beta", "beta_tilde"):
-        raise ValueError(f"variance={variance!r}: use 'beta' or 'beta_tilde'")
+    learned = callable(variance)
+    if not learned and variance not in ("beta", "beta_tilde"):
+        raise ValueError(f"variance={variance!r}: use 'beta', 'beta_tilde' or a callable (x, sigma) -> (D, v)")
     levels = _levels(sigmas)
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
-        denoised = _denoise(denoiser, x, sigma)
+        if learned:
+            denoised, v = variance(x, x.new_full((x.shape[0],), sigma))
+        else:
+            denoised = _denoise(denoiser, x, sigma)
         _report(callback, i, x, sigma, denoised)
         gap = sigma**2 - sigma_next**2
-        up2 = gap * (1 + sigma_next**2) / (1 + sigma**2) if variance == "beta" else sigma_next**2 * gap / sigma**2
-        x = _step(x, denoised, sigma, sigma_next**2 / sigma, math.sqrt(up2) if sigma_next > 0 else 0.0, generator)
+        up2_beta, up2_tilde = gap * (1 + sigma_next**2) / (1 + sigma**2), sigma_next**2 * gap / sigma**2
+        if learned and sigma_next > 0:
+            up = torch.exp(0.5 * (v * math.log(up2_beta) + (1 - v) * math.log(up2_tilde)))
+            x = _step(x, denoised, sigma, sigma_next**2 / sigma) + up * _noise(x, generator)
+        else:
+            up2 = up2_beta if variance == "beta" else up2_tilde
+            x = _step(x, denoised, sigma, sigma_next**2 / sigma, math.sqrt(up2) if sigma_next > 0 else 0.0, generator)
     return x
 
 

@@ -217,6 +217,31 @@ class DiscreteVP(VPSchedule):
         t = ((i - 1) + (la - knots[i - 1]) / self.log_one_minus_beta.to(lam.device)[i - 1]) / self.T
         return t.to(lam.dtype)
 
+    @classmethod
+    def from_log_alpha_bars(cls, log_alpha_bars, name: str | None = None) -> "DiscreteVP":
+        """The chain with log alpha-bar_i given for i = 1..K (strictly decreasing, < 0):
+        beta_i = 1 - alpha-bar_i / alpha-bar_{i-1}, alpha-bar_0 = 1 (Ho et al. 2020, eq. 4 read backwards)."""
+        la = torch.cat([torch.zeros(1, dtype=torch.float64), as_tensor(log_alpha_bars).to(torch.float64)])
+        return cls(-torch.expm1(la[1:] - la[:-1]), name=name)
+
+    @classmethod
+    def from_sigmas(cls, sigmas, name: str | None = None) -> "DiscreteVP":
+        """The chain whose steps i = 1..K have the scale-free noise levels sigma~_i (increasing, > 0):
+        alpha-bar_i = 1 / (1 + sigma~_i^2). Any model, whatever its schedule, is a denoiser
+        D(x~, sigma~), and so has a DDPM-style bound on this chain (Kingma et al. 2021: the discrete
+        bound depends on the SNRs of the steps only)."""
+        s = check_sigma(sigmas).to(torch.float64)
+        return cls.from_log_alpha_bars(-torch.log1p(s**2), name=name)
+
+    def respaced(self, K: int) -> "DiscreteVP":
+        """K of the T steps, i_k = round(1 + (T - 1)(k - 1) / (K - 1)), k = 1..K, as a chain of its own
+        with beta_k = 1 - alpha-bar_{i_k} / alpha-bar_{i_{k-1}}, so alpha-bar is kept exactly at the kept
+        steps (Nichol & Dhariwal 2021, sec. 4, 'respacing'; K = T gives the chain back)."""
+        if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= self.T:
+            raise ValueError(f"K={K!r} steps are not allowed: need an integer in 1..T={self.T}")
+        idx = torch.round(torch.linspace(1, self.T, K, dtype=torch.float64)).long() if K > 1 else torch.tensor([self.T])
+        return DiscreteVP.from_log_alpha_bars(self.log_alpha_bars[idx], name=f"{self.name}-respaced-{K}")
+
     def discrete_t(self, i) -> Tensor:
         """Continuous time t = i / T of the discrete step index i in 0..T."""
         return as_tensor(i).to(torch.float64) / self.T

@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from . import losses
-from .parameterization import PARAMETERIZATIONS, broadcast, target
+from . import losses, process
+from .parameterization import PARAMETERIZATIONS, broadcast, target, to_x0
 from .precond import ConditionedInput, Denoiser, ParameterizedDenoiser
 from .presets import Preset, get_preset
 from .samplers import SAMPLERS, get_sigmas, sampler_nfe
+from .schedules import DiscreteVP
 
 Tensor = torch.Tensor
 
@@ -58,6 +59,8 @@ class ModelConfig:
     weighting: str = ""  # "" = the preset's; else a name in losses.WEIGHTINGS (stated in `weighting_space`)
     weighting_space: str = ""  # "" = the preset's (or the weighting's own space)
     noise: str = ""  # "" = the preset's noise distribution; else a name in losses.NOISE_DISTRIBUTIONS
+    objective: str = "weighted"  # "weighted" (the weighting above) or "hybrid" (+ L_vlb with a learned variance)
+    hybrid_lambda: float = 0.001  # iDDPM's lambda on L_vlb in the hybrid objective
     class_conditional: bool = False
     label_dropout: float = 0.1  # classifier-free guidance: probability of training with the null label
     # network: a U-Net for images, an MLP for points
@@ -196,16 +199,55 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
 
 
 # -- the model: a raw network composed with a preset ---------------------------------------------------
+OBJECTIVES = ("weighted", "hybrid")
+
+
+class VarianceHead(torch.nn.Module):
+    """A raw network F with 2C output channels read as two heads (Nichol & Dhariwal 2021, sec. 3.1):
+    the first C channels go on as F's prediction; the last C are the log-variance interpolation
+    v of the reverse step, kept in `self.v` for the caller that asked for it right after the call
+    (the hybrid loss, `Diffusion.denoise_with_variance`)."""
+
+    def __init__(self, F: torch.nn.Module):
+        super().__init__()
+        self.F, self.v = F, None
+
+    def forward(self, x: Tensor, noise_cond: Tensor, *args, **kwargs) -> Tensor:
+        out = self.F(x, noise_cond, *args, **kwargs)
+        half = out.shape[1] // 2
+        self.v = out[:, half:]
+        return out[:, :half]
+
+
 class Diffusion(torch.nn.Module):
-    """A raw network F made into a denoiser D(x~, sigma, labels) and a training loss by a preset."""
+    """A raw network F made into a denoiser D(x~, sigma, labels) and a training loss by a preset.
+
+    objective "weighted": w(t) ||target - prediction||^2 (L_simple with the DDPM preset's defaults;
+    the true bound's weights with weighting="vlb"); "hybrid": that plus lambda L_vlb with a learned
+    diagonal reverse variance, Sigma = exp(v log beta_t + (1 - v) log beta~_t) (Nichol & Dhariwal
+    2021, eq. 15-16; F then outputs twice the data channels, v = (F's second half + 1) / 2). The L_vlb
+    term sees the mean through a stop-gradient, so the mean is trained by the first term alone; it
+    needs a discrete chain (the ddpm or iddpm preset). `levels` is the data's number of quantization
+    levels (0: continuous), which picks the decoder of L_0.
+    """
 
     def __init__(self, F: torch.nn.Module, preset: Preset, parameterization: str = "precond",
-                 weighting: str = "", weighting_space: str = "", noise: str = ""):
+                 weighting: str = "", weighting_space: str = "", noise: str = "", objective: str = "weighted",
+                 hybrid_lambda: float = 0.001, levels: int = 0):
         super().__init__()
         if parameterization != "precond" and parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization={parameterization!r}; allowed: precond, {', '.join(PARAMETERIZATIONS)}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
         self.preset, self.parameterization = preset, parameterization
         self.schedule = preset.training_schedule
+        self.objective, self.hybrid_lambda, self.levels = objective, hybrid_lambda, levels
+        self.learned_variance = objective == "hybrid"
+        if self.learned_variance:
+            if not isinstance(self.schedule, DiscreteVP) or parameterization == "energy":
+                raise ValueError(f"objective='hybrid' needs a discrete chain (preset ddpm or iddpm) and a vector output, "
+                                 f"got preset {preset.name!r} with parameterization {parameterization!r}")
+            F = VarianceHead(F)
         self.weighting = weighting or preset.weighting
         self.weighting_kwargs = preset.weighting_kwargs if not weighting else {}
         self.weighting_space = weighting_space or (preset.weighting_space if not weighting else "")
@@ -220,6 +262,19 @@ class Diffusion(torch.nn.Module):
         """D(x~, sigma) -> x0_hat (the samplers' interface)."""
         return self.denoiser(x, sigma, labels)
 
+    @property
+    def head(self) -> VarianceHead:
+        """The learned-variance head inside the denoiser (objective 'hybrid')."""
+        return next(m for m in self.modules() if isinstance(m, VarianceHead))
+
+    def denoise_with_variance(self, x: Tensor, sigma, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(D(x~, sigma), v) of a learned-variance model, from one network evaluation: the callable
+        that samplers.ddpm takes as `variance` and evaluate.model_vlb as its variance."""
+        if not self.learned_variance:
+            raise ValueError("this model has no learned variance (objective='hybrid' trains one)")
+        denoised = self(x, sigma, labels)
+        return denoised, (self.head.v.to(denoised.dtype) + 1) / 2
+
     def _weight(self, t: Tensor, space: str) -> Tensor:
         tt = torch.round(t * self.schedule.T) if self.weighting == "vlb" else t
         return losses.weighting(self.weighting, tt, self.schedule, space=space,
@@ -233,16 +288,33 @@ class Diffusion(torch.nn.Module):
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         if self.parameterization == "precond":  # Karras et al. 2022, eq. 2 with lambda(sigma)
             sigma = self.schedule.sigma_tilde(t)
-            pred, goal = self(x + broadcast(sigma, x) * eps, sigma.to(x.dtype), labels), x
-            w = self._weight(t, "x0")
+            pred = self(x + broadcast(sigma, x) * eps, sigma.to(x.dtype), labels)
+            goal, w, x0_hat = x, self._weight(t, "x0"), pred
         else:  # the (z_t, t) form, loss in the parameterization's own space
             alpha, sig = self.schedule.alpha(t), self.schedule.sigma(t)
             z = broadcast(alpha, x).to(x.dtype) * x + broadcast(sig, x).to(x.dtype) * eps
             pred = self.denoiser.predict(z, t, labels)
             goal = target(self.parameterization, x, eps, t.to(x.dtype), self.schedule)
             w = self._weight(t, self.parameterization)
+            x0_hat = to_x0(pred, self.parameterization, z, t.to(x.dtype), self.schedule) if self.learned_variance else None
         per_sample = ((pred.float() - goal.float()) ** 2).reshape(x.shape[0], -1).mean(dim=1)
-        return w.to(per_sample) * per_sample
+        loss = w.to(per_sample) * per_sample
+        if self.learned_variance:
+            loss = loss + self.hybrid_lambda * self._vlb_term(x, eps, t, x0_hat.detach(), self.head.v)
+        return loss
+
+    def _vlb_term(self, x: Tensor, eps: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor) -> Tensor:
+        """T L_{i-1} in bits/dim at the drawn steps i = tT, the mean from x0_hat (detached by the
+        caller) and the learned variance (Nichol & Dhariwal 2021, L_vlb of the hybrid objective; their
+        code scales the term by T/1000 with lambda = 0.001, the same as lambda T here at T = 1000)."""
+        chain = self.schedule
+        i = torch.round(t * chain.T).long().clamp(1, chain.T)
+        z, _ = process.q_sample(x.double(), chain.discrete_t(i), chain, eps=eps.double())
+        mean = process.ddpm_posterior(x0_hat.double(), z, i, chain)[0]
+        var = process.learned_variance((v.double() + 1) / 2, i, chain)
+        decoder = "discretized" if self.levels else "gaussian"
+        nats = process.vlb_term(x.double(), z, i, mean, var, chain, decoder, self.levels or 256)
+        return (chain.T * nats / (x[0].numel() * math.log(2))).to(x.dtype)
 
 
 def build_network(cfg: ModelConfig, shape: tuple, num_classes: int) -> torch.nn.Module:
@@ -251,12 +323,13 @@ def build_network(cfg: ModelConfig, shape: tuple, num_classes: int) -> torch.nn.
     from .nn import MLP, Energy, UNet
 
     classes = num_classes if cfg.class_conditional else None
+    out = shape[0] * (2 if cfg.objective == "hybrid" else 1)  # + the learned variance's channels
     if len(shape) == 3:
-        net = UNet(shape[0], base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult),
+        net = UNet(shape[0], out, base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult),
                    num_blocks=cfg.num_blocks, attention_resolutions=tuple(cfg.attention), image_size=shape[1],
                    dropout=cfg.dropout, num_classes=classes)
     elif len(shape) == 1:
-        net = MLP(shape[0], hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout, num_classes=classes)
+        net = MLP(shape[0], hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout, num_classes=classes, out_dim=out)
     else:
         raise ValueError(f"data of per-sample shape {shape} is not supported: need (d,) points or (C, H, W) images")
     return Energy(net) if cfg.parameterization == "energy" else net
@@ -329,6 +402,8 @@ def sample(model: Diffusion, n: int, shape: tuple, generator: torch.Generator, s
     name, sigmas, options = default_sampling(model.preset, sampler, nfe)
     x = sigmas[0].item() * torch.randn((n, *shape), generator=generator, device=device)
     denoiser = lambda xx, s: model(xx, s, labels)
+    if name == "ddpm" and model.learned_variance:
+        options["variance"] = lambda xx, s: model.denoise_with_variance(xx, s, labels)
     return SAMPLERS[name](denoiser, x, sigmas.to(device), generator=generator, callback=callback, **options)
 
 
@@ -377,7 +452,7 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
     preset = get_preset(cfg.model.preset)
     F = build_network(cfg.model, train_set.shape, data.num_classes).to(device)
     model = Diffusion(F, preset, cfg.model.parameterization, cfg.model.weighting, cfg.model.weighting_space,
-                      cfg.model.noise).to(device)
+                      cfg.model.noise, cfg.model.objective, cfg.model.hybrid_lambda, data.levels).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if cfg.train.compile:
@@ -402,7 +477,8 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
         if device.type == "cuda":
             rng["rng.cuda"] = torch.cuda.get_rng_state()
         tensors = {**ckpt.module_tensors(model, "model"), **ckpt.module_tensors(ema, "ema"), **opt_tensors, **rng}
-        data_info = {"shape": list(train_set.shape), "num_classes": data.num_classes, "sigma_data": data.sigma_data}
+        data_info = {"shape": list(train_set.shape), "num_classes": data.num_classes, "sigma_data": data.sigma_data,
+                     "levels": data.levels}
         ckpt.save(run_dir / "checkpoints", step, tensors,
                   {"config": cfg.to_dict(), "optimizer": opt_meta, "data": data_info}, keep=cfg.log.keep)
 
@@ -504,7 +580,8 @@ def load_model(path: Path, device="cpu") -> tuple[Diffusion, Config, dict]:
     info = state["data"]
     F = build_network(cfg.model, tuple(info["shape"]), info["num_classes"])
     model = Diffusion(F, get_preset(cfg.model.preset), cfg.model.parameterization, cfg.model.weighting,
-                      cfg.model.weighting_space, cfg.model.noise)
+                      cfg.model.weighting_space, cfg.model.noise, cfg.model.objective, cfg.model.hybrid_lambda,
+                      info.get("levels", 0))
     ckpt.load_module(model, tensors, "ema")
     return model.to(device).eval(), cfg, info
 

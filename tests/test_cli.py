@@ -33,7 +33,7 @@ def test_demo_smoke_writes_every_figure_and_the_report(tmp_path):
     assert "confident" in r.stdout and "sliced W2" in r.stdout
     report = (out / "report.md").read_text()
     for name in ("digits_samples.png", "digits_forward.png", "digits_reverse.png", "digits_loss.png",
-                 "ring8_samples.png", "ring8_loss.png", "forward_process.png"):
+                 "ring8_samples.png", "ring8_trajectories.png", "ring8_loss.png", "forward_process.png"):
         assert f"({name})" in report
         _assert_non_blank_png(out / name)
     assert (out / "digits" / "checkpoints").is_dir() and (out / "digits" / "metrics.csv").is_file()
@@ -90,3 +90,19 @@ def test_bad_arguments_exit_2_with_one_line():
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and "error" in lines[0], r.stderr
     assert run("--help").returncode == 0 and run("info", "--help").returncode == 0
+
+
+def test_eval_through_the_entry_point_writes_the_table_and_figures(tmp_path):
+    out = tmp_path / "run"
+    r = run("train", "--data", "ring8", "--steps", "20", "--out", str(out), "--quiet", "model.hidden=32",
+            "model.depth=2", "data.n=600", "log.nfe=4")
+    assert r.returncode == 0, r.stderr
+    r = run("eval", str(out), "--n", "300", "--nfe", "6", "--nll-samples", "8", "--vlb-steps", "0,20", "--pf-ode-steps", "4")
+    assert r.returncode == 0, r.stderr
+    text = (out / "eval.md").read_text()
+    for words in ("sliced W2", "KL(model || data)", "VLB, 1000 steps", "VLB, 20 steps", "probability-flow ODE"):
+        assert words in text, words
+    for name in ("eval_samples.png", "eval_loss_per_level.png", "eval_reverse.png"):
+        assert f"({name})" in text
+        _assert_non_blank_png(out / name)
+    assert run("eval", str(out), "--n", "1").returncode == 2

@@ -88,6 +88,10 @@ def test_digits():
     # bilinear upsampling keeps the image's mean brightness
     assert torch.allclose(up.x.mean((1, 2, 3)), ds.x.mean((1, 2, 3)), atol=0.05)
     assert len(load("digits", n=100)) == 100
+    # 17 grey levels x = k / 8 - 1; resizing interpolates them away, repeating channels does not
+    assert ds.levels == 17 and torch.equal(torch.unique(ds.x), torch.arange(17) / 8 - 1)
+    assert up.levels == 0 and load("digits", size=8).levels == 17 and load("digits", channels=3).levels == 17
+    assert load("moons", n=10).levels == 0
 
 
 def test_sigma_data_matches_numpy():

@@ -196,6 +196,33 @@ def test_decoder_bins_sum_to_one(mean, var):
     assert abs(ll.exp().sum().item() - 1) < 1e-6
 
 
+@pytest.mark.parametrize("levels", [2, 17, 256])
+def test_decoder_bins_of_any_quantization_sum_to_one_and_match_scipy(levels):
+    """Digits have 17 grey levels: x = 2k/16 - 1, bins of half-width 1/16 (edge bins open)."""
+    x = torch.arange(levels, dtype=F64) * 2 / (levels - 1) - 1
+    mean, std = 0.1, 0.4
+    ll = Q.discretized_gaussian_log_likelihood(x, torch.tensor(mean, dtype=F64), torch.tensor(std**2, dtype=F64), levels)
+    assert abs(ll.exp().sum().item() - 1) < 1e-12
+    h = 1 / (levels - 1)
+    hi = np.where(x.numpy() > 1 - h, np.inf, x.numpy() + h)
+    lo = np.where(x.numpy() < -1 + h, -np.inf, x.numpy() - h)
+    np.testing.assert_allclose(ll.exp().numpy(), norm.cdf(hi, mean, std) - norm.cdf(lo, mean, std), rtol=1e-10)
+    with pytest.raises(ValueError, match="levels=1"):
+        Q.discretized_gaussian_log_likelihood(x, x, x.exp(), 1)
+
+
+def test_learned_variance_interpolates_beta_and_beta_tilde_in_log_space():
+    """Nichol & Dhariwal (2021, eq. 15): v = 1 gives beta_t, v = 0 beta~_t (beta~_2 at t = 1), v = 1/2
+    their geometric mean; elementwise."""
+    sch = S.ddpm_linear(T=50)
+    i = torch.tensor([1, 2, 30, 50])
+    beta, tilde = Q.reverse_variance(sch, "beta")[i - 1], Q.reverse_variance(sch, "beta_tilde")[i - 1]
+    one, zero = torch.ones(4, 3, dtype=F64), torch.zeros(4, 3, dtype=F64)
+    torch.testing.assert_close(Q.learned_variance(one, i, sch), beta[:, None].expand(4, 3), rtol=1e-12, atol=0)
+    torch.testing.assert_close(Q.learned_variance(zero, i, sch), tilde[:, None].expand(4, 3), rtol=1e-12, atol=0)
+    torch.testing.assert_close(Q.learned_variance(one / 2, i, sch), (beta * tilde).sqrt()[:, None].expand(4, 3), rtol=1e-12, atol=0)
+
+
 def test_decoder_against_scipy_and_stable_in_tails():
     mean, std = 0.2, 0.3
     ll = Q.discretized_gaussian_log_likelihood(LEVELS, torch.tensor(mean, dtype=F64), torch.tensor(std**2, dtype=F64))

@@ -196,6 +196,30 @@ def test_ddpm_step_is_ho_algorithm_2(variance):
     torch.testing.assert_close(states[1], z_prev / torch.sqrt(abar_prev), rtol=1e-12, atol=1e-12)
 
 
+def test_ddpm_with_a_learned_variance():
+    """Nichol & Dhariwal (2021, eq. 15): a callable (x, sigma) -> (D, v) replaces the denoiser; v = 1 is
+    the beta step, v = 0 the beta_tilde step, v = 1/2 the geometric mean of their variances; one
+    evaluation per step."""
+    gm = ring8()
+    sigmas = S.get_sigmas("edm", 5)
+    x = 80 * torch.randn(8, 2, generator=gen(3), dtype=F64)
+    for v, kind in ((1.0, "beta"), (0.0, "beta_tilde")):
+        learned = Counting(lambda xx, s: (gm(xx, s), torch.full_like(xx, v)))
+        out = S.ddpm(None, x, sigmas, variance=learned, generator=gen(4))
+        torch.testing.assert_close(out, S.ddpm(gm, x, sigmas, variance=kind, generator=gen(4)), rtol=1e-12, atol=1e-12)
+        assert learned.calls == 5
+    s, s2 = 3.0, 1.2  # one step by hand at v = 1/2
+    one = torch.tensor([s, s2, 0.0], dtype=F64)
+    states = []
+    S.ddpm(None, x[:, :] * s / 80, one, variance=lambda xx, sg: (gm(xx, sg), torch.full_like(xx, 0.5)),
+           generator=gen(0), callback=lambda d: states.append(d["x"]))
+    x0 = x * s / 80
+    D = gm(x0, torch.full((8,), s, dtype=F64))
+    up2 = math.sqrt((s**2 - s2**2) * (1 + s2**2) / (1 + s**2) * s2**2 * (s**2 - s2**2) / s**2)
+    z = torch.randn(8, 2, generator=gen(0), dtype=F64)
+    torch.testing.assert_close(states[1], D + (s2**2 / s**2) * (x0 - D) + math.sqrt(up2) * z, rtol=1e-12, atol=1e-12)
+
+
 # -- the schedule option ------------------------------------------------------------------------------
 def test_heun_with_edm_schedule_equals_plain_heun():
     x0 = 80 * torch.randn(16, 2, generator=gen(8), dtype=F64)

@@ -160,3 +160,27 @@ def test_shapes_and_dtypes_are_preserved(name, shape, dtype, u):
     back = sch.t_from_logsnr(sch.logsnr(t))
     assert back.shape == t.shape and back.dtype == dtype
     torch.testing.assert_close(back, t, rtol=1e-3 if dtype == torch.float32 else 1e-9, atol=1e-5)
+
+
+def test_respaced_chain_keeps_alpha_bar_at_the_kept_steps():
+    """Nichol & Dhariwal (2021, sec. 4): the respaced chain's betas, 1 - abar_k / abar_{k-1}, multiply
+    back to the original abar at the kept steps; K = T is the chain itself."""
+    sch = S.ddpm_linear()
+    torch.testing.assert_close(sch.respaced(1000).betas, sch.betas, rtol=1e-12, atol=0)
+    r = sch.respaced(10)
+    kept = np.round(np.linspace(1, 1000, 10)).astype(int)
+    np.testing.assert_allclose(np.cumprod(1 - r.betas.numpy()), sch.alphas_bar.numpy()[kept], rtol=1e-12)
+    assert r.T == 10 and sch.respaced(1).T == 1
+    for bad in (0, 1001, 2.5):
+        with pytest.raises(ValueError, match="K="):
+            sch.respaced(bad)
+
+
+def test_chain_from_sigmas_has_those_noise_levels():
+    sigmas = torch.tensor([0.002, 0.1, 1.0, 80.0], dtype=torch.float64)
+    chain = S.DiscreteVP.from_sigmas(sigmas)
+    abar = 1 / (1 + sigmas.numpy() ** 2)  # alpha-bar = 1 / (1 + sigma~^2)
+    np.testing.assert_allclose(np.cumprod(1 - chain.betas.numpy()), abar, rtol=1e-12)
+    torch.testing.assert_close(chain.sigma_tilde(chain.discrete_t(torch.arange(1, 5))), sigmas, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="sigma"):
+        S.DiscreteVP.from_sigmas(torch.tensor([-0.1, 1.0]))

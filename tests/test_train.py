@@ -246,6 +246,68 @@ def test_every_parameterization_trains_one_step(preset, parameterization):
     assert out.shape == (4, 2) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("preset, parameterization", [("ddpm", "eps"), ("ddpm", "v"), ("iddpm", "precond")])
+def test_hybrid_objective_is_l_simple_plus_lambda_l_vlb(preset, parameterization):
+    """Nichol & Dhariwal (2021, sec. 3.1): L_hybrid = L_simple + lambda L_vlb, F outputs 2C channels (the
+    second half the log-variance interpolation v), and L_vlb reaches the variance only: the mean gets
+    no gradient from it (stop-gradient)."""
+    from diffspace import process as Q
+    from diffspace.nn import MLP
+    from diffspace.presets import get_preset
+
+    torch.manual_seed(0)
+    net = MLP(2, hidden=16, depth=2, out_dim=4)
+    for p in net.parameters():  # a non-zero output, so both heads matter
+        torch.nn.init.normal_(p, std=0.3)
+    hybrid = Diffusion(net, get_preset(preset), parameterization, objective="hybrid", hybrid_lambda=0.5)
+    plain = Diffusion(torch.nn.Identity(), get_preset(preset), parameterization)  # same weighting, no head
+    plain.denoiser = hybrid.denoiser
+    x = torch.randn(16, 2, dtype=torch.float64)
+    net.double()
+    t = torch.tensor([1, 2, 500, 1000] * 4, dtype=torch.float64) / 1000
+    total = hybrid.loss(x, None, torch.Generator().manual_seed(1), t=t)
+    simple = plain.loss(x, None, torch.Generator().manual_seed(1), t=t)
+    # the L_vlb term by hand: z_t with the same eps, mean from x0_hat, Sigma from v, bits/dim times T
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    chain, i = hybrid.schedule, torch.round(t * 1000).long()
+    z = chain.alpha(t)[:, None] * x + chain.sigma(t)[:, None] * eps
+    with torch.no_grad():
+        x0_hat = hybrid(z / chain.alpha(t)[:, None], chain.sigma_tilde(t))
+        v = (hybrid.head.v + 1) / 2
+    mean = Q.ddpm_posterior(x0_hat, z, i, chain)[0]
+    nats = Q.vlb_term(x, z, i, mean, Q.learned_variance(v, i, chain), chain, decoder="gaussian")
+    torch.testing.assert_close(total, simple + 0.5 * 1000 * nats / (2 * math.log(2)), rtol=1e-6, atol=1e-6)
+    # stop-gradient: L_vlb's gradient reaches the v half of the output only
+    out = []
+    hook = net.out.register_forward_hook(lambda m, a, o: out.append(o) and None)
+    grads = []
+    for lam in (0.5, 0.0):
+        hybrid.hybrid_lambda = lam
+        grads += torch.autograd.grad(hybrid.loss(x, None, torch.Generator().manual_seed(1), t=t).sum(), out[-1])
+    hook.remove()
+    torch.testing.assert_close(grads[0][:, :2], grads[1][:, :2], rtol=1e-12, atol=1e-12)  # the mean's: L_simple's
+    assert torch.all(grads[1][:, 2:] == 0) and torch.all(grads[0][:, 2:] != 0)  # v's: L_vlb's alone
+    d, v = hybrid.denoise_with_variance(torch.randn(4, 2, dtype=torch.float64), torch.full((4,), 1.0, dtype=torch.float64))
+    assert d.shape == v.shape == (4, 2)
+
+
+def test_hybrid_needs_a_chain_and_samples_with_its_variance(tmp_path):
+    from diffspace.nn import MLP
+    from diffspace.presets import get_preset
+
+    with pytest.raises(ValueError, match="objective='hybrid' needs a discrete chain"):
+        Diffusion(MLP(2, out_dim=4), get_preset("edm"), objective="hybrid")
+    with pytest.raises(ValueError, match="objective='nope'"):
+        Diffusion(MLP(2), get_preset("ddpm"), objective="nope")
+    cfg = _config(**{"model.preset": "ddpm", "model.parameterization": "eps", "model.objective": "hybrid",
+                     "train.steps": 4, "log.nfe": 4})
+    summary = train(cfg, tmp_path / "hybrid", progress=False)
+    model, _, _ = load_model(tmp_path / "hybrid")
+    assert model.learned_variance and torch.equal(model(torch.ones(3, 2), torch.ones(3)), summary["ema"](torch.ones(3, 2), torch.ones(3)))
+    x = sample(model, 16, (2,), torch.Generator().manual_seed(0), "ddpm", 10)
+    assert x.shape == (16, 2) and torch.isfinite(x).all()
+
+
 def test_bad_parameterization():
     from diffspace.nn import MLP
     from diffspace.presets import get_preset

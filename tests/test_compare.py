@@ -1,0 +1,89 @@
+"""`diffspace compare`: both shipped specs run end to end in --quick mode through the real entry point."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffspace.compare import load_spec, run_config, shipped_specs
+
+
+def _non_blank_png(path):
+    img = np.asarray(Image.open(path).convert("L"), dtype=float)
+    return img.shape[0] >= 100 and img.shape[1] >= 100 and img.std() > 8
+
+
+@pytest.mark.parametrize("name, datasets, runs, nfes", [
+    ("objectives", ["digits"], ["L_simple", "L_vlb, fixed Sigma", "hybrid, learned Sigma"], [10]),
+    ("design-space", ["digits", "ring8"], ["VP", "VE", "iDDPM + DDIM", "EDM"], [5, 10]),
+])
+def test_shipped_spec_quick_through_the_entry_point(tmp_path, name, datasets, runs, nfes):
+    out = tmp_path / name
+    r = subprocess.run([sys.executable, "-m", "diffspace", "compare", name, "--quick", "--quiet", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["datasets"]) == datasets
+    table = (out / "results.md").read_text()
+    for data_name, rows in results["datasets"].items():
+        assert [row["label"] for row in rows] == runs
+        for row in rows:
+            assert row["label"] in table
+            assert sorted(int(k) for k in row["quality"]) == nfes
+            used = [q["nfe_used"] for q in row["quality"].values()]
+            assert used == ([5, 9] if row["label"] == "EDM" else nfes)  # Heun: 2n - 1
+            for q in row["quality"].values():
+                for measure, value, floor in q["rows"]:
+                    assert np.isfinite(value) and np.isfinite(floor), measure
+            for measure, value, _ in row["likelihood"]:
+                assert np.isfinite(value), measure
+        for figure in ["runs", "loss_per_level"] + (["quality_vs_nfe"] if len(nfes) > 1 else []):
+            assert _non_blank_png(out / f"{data_name}_{figure}.png"), figure
+    assert _non_blank_png(out / "weighting.png")
+    if name == "objectives":  # the hybrid run is measured with its learned Sigma, the others with beta_tilde
+        lik = {row["label"]: row["likelihood"][0][0] for row in results["datasets"]["digits"]}
+        assert "learned" in lik["hybrid, learned Sigma"] and "beta_tilde" in lik["L_simple"]
+    # a second call reuses the finished runs (no training) and writes the same tables
+    r2 = subprocess.run([sys.executable, "-m", "diffspace", "compare", name, "--quick", "--quiet", "--out", str(out)],
+                        capture_output=True, text=True, timeout=600)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    again = json.loads((out / "results.json").read_text())
+    assert all(row["train_seconds"] == 0 for rows in again["datasets"].values() for row in rows)
+
+
+def test_spec_errors(tmp_path):
+    assert {"objectives", "design-space"} <= set(shipped_specs())
+    with pytest.raises(ValueError, match="neither a shipped spec"):
+        load_spec("no-such-spec")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data.ring8]\n[[run]]\nlabel = "a"\n"model.stepz" = 3\n')
+    with pytest.raises(ValueError, match="unknown option 'model.stepz'"):
+        load_spec(str(bad))
+    bad.write_text('[data.ring8]\n[[run]]\nlabel = "a"\n[[run]]\nlabel = "a"\n')
+    with pytest.raises(ValueError, match="all different"):
+        load_spec(str(bad))
+    bad.write_text('[data.ring8]\n[[run]]\nlabel = "a"\n[eval]\nnfes = [1]\n')
+    with pytest.raises(ValueError, match="unknown \\[eval\\] keys"):
+        load_spec(str(bad))
+
+
+def test_config_layers_apply_in_order():
+    spec = load_spec("design-space")
+    cfg = run_config(spec, "ring8", spec["run"][3])
+    assert (cfg.data.spec, cfg.model.preset, cfg.train.steps, cfg.model.hidden) == ("ring8", "edm", 1500, 128)
+    quick = run_config(spec, "ring8", spec["run"][3], quick=True)
+    assert (quick.train.steps, quick.model.hidden, quick.model.preset) == (20, 32, "edm")
+
+
+def test_a_run_folder_with_another_config_is_refused(tmp_path):
+    from diffspace.compare import train_or_reuse
+
+    spec = load_spec("design-space")
+    cfg = run_config(spec, "ring8", spec["run"][3], quick=True)
+    train_or_reuse(cfg, tmp_path / "r", progress=False)
+    cfg.train.lr = 1e-4
+    with pytest.raises(ValueError, match="another config"):
+        train_or_reuse(cfg, tmp_path / "r", progress=False)
