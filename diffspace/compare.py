@@ -14,7 +14,8 @@ A spec is a TOML file (shipped ones: `diffspace/specs/*.toml`, named by their st
     [quick]                           # --quick: overrides on top of all runs, and [quick.eval]
 
 Every dataset x run pair trains into OUT/<dataset>/<run> (an existing finished run with the same
-config is reused, a stopped one resumed: Ctrl-C never loses work), then every sampler x NFE is
+config is reused, a stopped one resumed: Ctrl-C never loses work; runs that differ only in their
+sampler share one training), then every NFE of the run's sampler is
 measured by evaluate.sample_quality next to its noise floor, and the likelihood by
 evaluate.likelihood. OUT gets results.md (the tables), results.json, and the figures: quality vs
 NFE per dataset, the per-noise-level training loss of every run, and the loss weightings.
@@ -122,10 +123,10 @@ def run(spec_name: str, out: Path, quick: bool = False, progress: bool = True) -
     results = {"spec": spec["name"], "title": spec.get("title", ""), "about": spec.get("about", ""),
                "quick": quick, "eval": options, "datasets": {}}
     for data_name in spec["data"]:
-        rows, models = [], {}
+        rows, models, trained = [], {}, {}  # trained: config -> folder, so runs that differ only in sampler share one
         for r in spec["run"]:
             cfg = run_config(spec, data_name, r, quick)
-            folder = out / slug(data_name) / slug(r["label"])
+            folder = trained.setdefault(cfg.to_toml(), out / slug(data_name) / slug(r["label"]))
             seconds = train_or_reuse(cfg, folder, progress)
             model, cfg, info = load_model(folder)
             models[r["label"]] = model

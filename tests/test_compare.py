@@ -18,7 +18,7 @@ def _non_blank_png(path):
 
 @pytest.mark.parametrize("name, datasets, runs, nfes", [
     ("objectives", ["digits"], ["L_simple", "L_vlb, fixed Sigma", "hybrid, learned Sigma"], [10]),
-    ("design-space", ["digits", "ring8"], ["VP", "VE", "iDDPM + DDIM", "EDM"], [5, 10]),
+    ("design-space", ["digits", "ring8"], ["VP", "VE", "iDDPM + DDIM", "EDM", "EDM, deis_pc"], [5, 10]),
 ])
 def test_shipped_spec_quick_through_the_entry_point(tmp_path, name, datasets, runs, nfes):
     out = tmp_path / name
@@ -43,15 +43,19 @@ def test_shipped_spec_quick_through_the_entry_point(tmp_path, name, datasets, ru
         for figure in ["runs", "loss_per_level"] + (["quality_vs_nfe"] if len(nfes) > 1 else []):
             assert _non_blank_png(out / f"{data_name}_{figure}.png"), figure
     assert _non_blank_png(out / "weighting.png")
-    if name == "objectives":  # the hybrid run is measured with its learned Sigma, the others with beta_tilde
+    if name == "objectives":  # the hybrid run is measured with its learned Sigma, the others with beta
         lik = {row["label"]: row["likelihood"][0][0] for row in results["datasets"]["digits"]}
-        assert "learned" in lik["hybrid, learned Sigma"] and "beta_tilde" in lik["L_simple"]
+        assert "Sigma learned" in lik["hybrid, learned Sigma"] and "Sigma beta" in lik["L_simple"]
     # a second call reuses the finished runs (no training) and writes the same tables
     r2 = subprocess.run([sys.executable, "-m", "diffspace", "compare", name, "--quick", "--quiet", "--out", str(out)],
                         capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-2000:]
     again = json.loads((out / "results.json").read_text())
     assert all(row["train_seconds"] == 0 for rows in again["datasets"].values() for row in rows)
+    if name == "design-space":  # the two EDM runs differ only in the sampler: one training, one folder
+        assert not (out / "digits" / "edm-deis-pc").exists() and (out / "digits" / "edm").is_dir()
+        rows = {row["label"]: row for row in results["datasets"]["digits"]}
+        assert next(iter(rows["EDM, deis_pc"]["quality"].values()))["sampler"] == "deis_pc"
 
 
 def test_spec_errors(tmp_path):

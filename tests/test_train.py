@@ -157,6 +157,17 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
         assert json.loads(f.read(header_len))["a"]["shape"] == [2, 3]
 
 
+def test_sample_grids_every_k_steps_and_the_run_folder(tmp_path):
+    cfg = _config(**{"log.sample_every": 4, "train.steps": 12})
+    train(cfg, tmp_path / "r", progress=False)
+    grids = sorted(p.name for p in (tmp_path / "r" / "samples").glob("*.png"))
+    assert grids == ["final.png", "step-00000004.png", "step-00000008.png"]
+    for name in ("config.toml", "metrics.csv", "report.md", "loss.png"):
+        assert (tmp_path / "r" / name).is_file(), name
+    rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,grad_norm,samples_per_s,seconds" and len(rows) == 1 + 12 // 2
+
+
 def test_atomic_write_leaves_nothing_half_written(tmp_path):
     target = tmp_path / "file.txt"
     ckpt.atomic_write_text(target, "old")
@@ -363,3 +374,30 @@ def test_shipped_configs_train(tmp_path, path):
     cfg = load_config(path, ["train.steps=3", "log.n_samples=4", "log.nfe=3", "train.warmup=1"])
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["steps"] == 3 and (tmp_path / "run" / "samples" / "final.png").is_file()
+
+
+def test_bf16_autocast_trains_close_to_float32(tmp_path):
+    """train.bf16 runs the network under bfloat16 autocast: a different but close loss, finite weights."""
+    losses_by = {}
+    for bf16 in (False, True):
+        cfg = _config(**{"train.bf16": bf16, "train.steps": 6, "log.every": 1})
+        summary = train(cfg, tmp_path / f"bf16-{bf16}", progress=False)
+        losses_by[bf16] = [float(r.split(",")[1]) for r in (tmp_path / f"bf16-{bf16}" / "metrics.csv").read_text().splitlines()[1:]]
+        assert all(torch.isfinite(p).all() for p in summary["model"].parameters())
+    assert losses_by[True] != losses_by[False]
+    assert all(abs(a - b) < 0.05 * b for a, b in zip(losses_by[True], losses_by[False])), losses_by
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_the_same_model(tmp_path):
+    """train.compile compiles F in place (about a minute on 2 CPU cores): same parameter names, and
+    the same losses as eager up to kernel rounding."""
+    runs = {}
+    for compile_ in (False, True):
+        cfg = _config(**{"train.compile": compile_, "train.steps": 4, "log.every": 1})
+        train(cfg, tmp_path / f"c-{compile_}", progress=False)
+        runs[compile_] = _final_tensors(tmp_path / f"c-{compile_}")[0]
+    assert runs[True].keys() == runs[False].keys()
+    for k in runs[False]:
+        if k.startswith("model."):
+            torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-3, atol=1e-4)
