@@ -221,7 +221,8 @@ def markdown(results: dict) -> str:
         for r in rows:
             q = {int(k): v for k, v in r["quality"].items()}
             sampler = next(iter(q.values()))["sampler"]
-            objective = "hybrid (learned Sigma)" if r["objective"] == "hybrid" else f"weighting {r['weighting']}"
+            objective = {"hybrid": "hybrid (learned Sigma)", "vlb": "true bound (Sigma = beta)"}.get(
+                r["objective"], f"weighting {r['weighting']}")
             cells = [r["label"], r["preset"], r["parameterization"], objective, sampler, f"{r['train_seconds']:.0f}"]
             cells += [f"{primary(q[k]['rows'])[1]:.4g}" + (f" @{q[k]['nfe_used']}" if q[k]["nfe_used"] != k else "")
                   if k in q else "-" for k in nfes]

@@ -59,7 +59,7 @@ class ModelConfig:
     weighting: str = ""  # "" = the preset's; else a name in losses.WEIGHTINGS (stated in `weighting_space`)
     weighting_space: str = ""  # "" = the preset's (or the weighting's own space)
     noise: str = ""  # "" = the preset's noise distribution; else a name in losses.NOISE_DISTRIBUTIONS
-    objective: str = "weighted"  # "weighted" (the weighting above) or "hybrid" (+ L_vlb with a learned variance)
+    objective: str = "weighted"  # "weighted" (the weighting above), "vlb" (the true bound) or "hybrid" (+ L_vlb, learned Sigma)
     hybrid_lambda: float = 0.001  # iDDPM's lambda on L_vlb in the hybrid objective
     class_conditional: bool = False
     label_dropout: float = 0.1  # classifier-free guidance: probability of training with the null label
@@ -199,7 +199,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
 
 
 # -- the model: a raw network composed with a preset ---------------------------------------------------
-OBJECTIVES = ("weighted", "hybrid")
+OBJECTIVES = ("weighted", "vlb", "hybrid")
 
 
 class VarianceHead(torch.nn.Module):
@@ -223,12 +223,15 @@ class Diffusion(torch.nn.Module):
     """A raw network F made into a denoiser D(x~, sigma, labels) and a training loss by a preset.
 
     objective "weighted": w(t) ||target - prediction||^2 (L_simple with the DDPM preset's defaults;
-    the true bound's weights with weighting="vlb"); "hybrid": that plus lambda L_vlb with a learned
-    diagonal reverse variance, Sigma = exp(v log beta_t + (1 - v) log beta~_t) (Nichol & Dhariwal
-    2021, eq. 15-16; F then outputs twice the data channels, v = (F's second half + 1) / 2). The L_vlb
-    term sees the mean through a stop-gradient, so the mean is trained by the first term alone; it
-    needs a discrete chain (the ddpm or iddpm preset). `levels` is the data's number of quantization
-    levels (0: continuous), which picks the decoder of L_0.
+    the bound's weights w_t for t >= 2 with weighting="vlb"); "vlb": the true bound itself,
+    T L_{i-1} in bits/dim at the drawn step i with the fixed Sigma = beta, the discretized decoder
+    at i = 1 for quantized data (Ho et al. 2020, eq. 5 and Table 2's 'L, fixed isotropic Sigma');
+    "hybrid": the weighted loss plus lambda L_vlb with a learned diagonal reverse variance,
+    Sigma = exp(v log beta_t + (1 - v) log beta~_t) (Nichol & Dhariwal 2021, eq. 15-16; F then
+    outputs twice the data channels, v = (F's second half + 1) / 2), L_vlb seeing the mean through a
+    stop-gradient, so the mean is trained by the first term alone. "vlb" and "hybrid" need a
+    discrete chain (the ddpm or iddpm preset). `levels` is the data's number of quantization levels
+    (0: continuous), which picks the decoder of L_0.
     """
 
     def __init__(self, F: torch.nn.Module, preset: Preset, parameterization: str = "precond",
@@ -243,10 +246,11 @@ class Diffusion(torch.nn.Module):
         self.schedule = preset.training_schedule
         self.objective, self.hybrid_lambda, self.levels = objective, hybrid_lambda, levels
         self.learned_variance = objective == "hybrid"
+        if objective != "weighted" and not isinstance(self.schedule, DiscreteVP):
+            raise ValueError(f"objective={objective!r} needs a discrete chain (preset ddpm or iddpm), got preset {preset.name!r}")
         if self.learned_variance:
-            if not isinstance(self.schedule, DiscreteVP) or parameterization == "energy":
-                raise ValueError(f"objective='hybrid' needs a discrete chain (preset ddpm or iddpm) and a vector output, "
-                                 f"got preset {preset.name!r} with parameterization {parameterization!r}")
+            if parameterization == "energy":
+                raise ValueError("objective='hybrid' needs a vector output (the variance head); parameterization 'energy' has none")
             F = VarianceHead(F)
         self.weighting = weighting or preset.weighting
         self.weighting_kwargs = preset.weighting_kwargs if not weighting else {}
@@ -296,22 +300,29 @@ class Diffusion(torch.nn.Module):
             pred = self.denoiser.predict(z, t, labels)
             goal = target(self.parameterization, x, eps, t.to(x.dtype), self.schedule)
             w = self._weight(t, self.parameterization)
-            x0_hat = to_x0(pred, self.parameterization, z, t.to(x.dtype), self.schedule) if self.learned_variance else None
+            x0_hat = to_x0(pred, self.parameterization, z, t.to(x.dtype), self.schedule) if self.objective != "weighted" else None
+        if self.objective == "vlb":
+            return self._vlb_term(x, eps, t, x0_hat, None)
         per_sample = ((pred.float() - goal.float()) ** 2).reshape(x.shape[0], -1).mean(dim=1)
         loss = w.to(per_sample) * per_sample
         if self.learned_variance:
             loss = loss + self.hybrid_lambda * self._vlb_term(x, eps, t, x0_hat.detach(), self.head.v)
         return loss
 
-    def _vlb_term(self, x: Tensor, eps: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor) -> Tensor:
-        """T L_{i-1} in bits/dim at the drawn steps i = tT, the mean from x0_hat (detached by the
-        caller) and the learned variance (Nichol & Dhariwal 2021, L_vlb of the hybrid objective; their
-        code scales the term by T/1000 with lambda = 0.001, the same as lambda T here at T = 1000)."""
+    def _vlb_term(self, x: Tensor, eps: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None) -> Tensor:
+        """T L_{i-1} in bits/dim at the drawn steps i = tT (Ho et al. 2020, eq. 5: an unbiased estimate of
+        the bound but for the constant L_T), the mean from x0_hat and the reverse variance learned
+        from v or, v = None, fixed to beta. In the hybrid objective x0_hat comes detached (Nichol &
+        Dhariwal 2021; their code scales the term by T/1000 with lambda = 0.001, the same as lambda T
+        here at T = 1000)."""
         chain = self.schedule
         i = torch.round(t * chain.T).long().clamp(1, chain.T)
         z, _ = process.q_sample(x.double(), chain.discrete_t(i), chain, eps=eps.double())
         mean = process.ddpm_posterior(x0_hat.double(), z, i, chain)[0]
-        var = process.learned_variance((v.double() + 1) / 2, i, chain)
+        if v is None:
+            var = process.reverse_variance(chain, "beta").to(x.device)[i - 1]
+        else:
+            var = process.learned_variance((v.double() + 1) / 2, i, chain)
         decoder = "discretized" if self.levels else "gaussian"
         nats = process.vlb_term(x.double(), z, i, mean, var, chain, decoder, self.levels or 256)
         return (chain.T * nats / (x[0].numel() * math.log(2))).to(x.dtype)

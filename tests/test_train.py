@@ -302,6 +302,43 @@ def test_hybrid_objective_is_l_simple_plus_lambda_l_vlb(preset, parameterization
     assert d.shape == v.shape == (4, 2)
 
 
+def test_the_vlb_objective_is_the_bound_whose_weights_are_w_t():
+    """objective='vlb' is T L_{i-1} in bits/dim (Ho et al. 2020, eq. 5). For i >= 2 and Sigma = beta,
+    L_{i-1} = D (C_t + w_t mean (eps - eps_hat)^2) with C_t independent of the network, so between two
+    networks its difference is T / ln 2 times that of the loss weighted by losses.vlb_weight; at i = 1
+    it is the discretized decoder's -log p (17 levels), which the weighting cannot express."""
+    from diffspace import process as Q
+    from diffspace.nn import MLP
+    from diffspace.presets import get_preset
+
+    x = (torch.randint(0, 17, (8, 2)) / 8 - 1).double()
+    t = torch.tensor([2, 3, 50, 1000] * 2, dtype=torch.float64) / 1000
+    losses_by = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = MLP(2, hidden=16, depth=2).double()
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        for objective in ("vlb", "weighted"):
+            model = Diffusion(net, get_preset("ddpm"), "eps", weighting="vlb", objective=objective, levels=17)
+            losses_by[seed, objective] = model.loss(x, None, torch.Generator().manual_seed(2), t=t)
+    T = 1000
+    torch.testing.assert_close(losses_by[0, "vlb"] - losses_by[1, "vlb"],  # the weighted loss is summed in float32
+                               T / math.log(2) * (losses_by[0, "weighted"] - losses_by[1, "weighted"]).double(), rtol=1e-5, atol=1e-3)
+    # at i = 1: T times the decoder's -log p in bits/dim, by hand
+    model = Diffusion(net, get_preset("ddpm"), "eps", objective="vlb", levels=17)
+    one = torch.full((8,), 1 / T, dtype=torch.float64)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    chain = model.schedule
+    z = chain.alpha(one)[:, None] * x + chain.sigma(one)[:, None] * eps
+    x0_hat = model(z / chain.alpha(one)[:, None], chain.sigma_tilde(one))
+    nll = -Q.discretized_gaussian_log_likelihood(x, x0_hat, chain.betas[0], 17).sum(1)
+    torch.testing.assert_close(model.loss(x, None, torch.Generator().manual_seed(2), t=one), T * nll / (2 * math.log(2)),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="objective='vlb' needs a discrete chain"):
+        Diffusion(MLP(2), get_preset("edm"), objective="vlb")
+
+
 def test_hybrid_needs_a_chain_and_samples_with_its_variance(tmp_path):
     from diffspace.nn import MLP
     from diffspace.presets import get_preset
