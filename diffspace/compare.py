@@ -35,7 +35,8 @@ from . import plots
 from .checkpoint import atomic_write_text, latest
 from .data import load
 from .evaluate import likelihood, sample_quality
-from .train import Config, load_config, load_model, sample, sampler_nfe, default_sampling, set_option, train
+from .samplers import sampler_nfe
+from .train import Config, default_sampling, load_config, load_model, sample, set_option, train
 
 EVAL_DEFAULTS = {"nfe": [0], "n": 1000, "seed": 0, "vlb_steps": [0], "vlb_samples": 100, "pf_ode_steps": 0}
 RUN_KEYS = ("label", "sampler")

@@ -355,7 +355,7 @@ def dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None):
     the step to sigma = 0 is the first-order denoising step x <- D.
     """
     levels = _levels(sigmas)
-    previous = None
+    previous = previous_denoised = None  # sigma_{i-1} and D_{i-1}
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
         denoised = _denoise(denoiser, x, sigma)
         _report(callback, i, x, sigma, denoised)
