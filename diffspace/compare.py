@@ -127,8 +127,9 @@ def run(spec_name: str, out: Path, quick: bool = False, progress: bool = True) -
         rows, models, trained = [], {}, {}  # trained: config -> folder, so runs that differ only in sampler share one
         for r in spec["run"]:
             cfg = run_config(spec, data_name, r, quick)
+            shared = cfg.to_toml() in trained
             folder = trained.setdefault(cfg.to_toml(), out / slug(data_name) / slug(r["label"]))
-            seconds = train_or_reuse(cfg, folder, progress)
+            seconds = None if shared else train_or_reuse(cfg, folder, progress)
             model, cfg, info = load_model(folder)
             models[r["label"]] = model
             row, data = measure_run(model, cfg, info, r, options, seconds)
@@ -143,7 +144,7 @@ def run(spec_name: str, out: Path, quick: bool = False, progress: bool = True) -
     return results
 
 
-def measure_run(model, cfg: Config, info: dict, run_spec: dict, options: dict, train_seconds: float):
+def measure_run(model, cfg: Config, info: dict, run_spec: dict, options: dict, train_seconds: float | None):
     """(row, data): every NFE of one run, sample_quality of n samples (fixed seed), then the likelihood.
     quality is keyed by the NFE asked for (0: the sampler's default); nfe_used is what the sampler
     spent, the largest count that fits (Heun's 2n - 1 cannot hit an even NFE)."""
@@ -165,6 +166,11 @@ def measure_run(model, cfg: Config, info: dict, run_spec: dict, options: dict, t
            "weighting": model.weighting, "objective": cfg.model.objective, "steps": cfg.train.steps,
            "train_seconds": train_seconds, "quality": quality, "likelihood": lik}
     return row, data
+
+
+def train_cell(seconds: float | None) -> str:
+    """Training seconds spent by this compare call; 'shared' where the run reuses an earlier run's model."""
+    return "shared" if seconds is None else f"{seconds:.0f}"
 
 
 def likelihood_column(name: str) -> str:
@@ -208,15 +214,15 @@ def markdown(results: dict) -> str:
     if results["about"]:
         lines += [results["about"].strip(), ""]
     ev = results["eval"]
-    lines += [f"n = {ev['n']} samples per cell (seed {ev['seed']}); likelihood on {ev['vlb_samples']} held-out samples; "
-              f"total {results['seconds']:.0f} s.", ""]
+    likelihood_note = f"likelihood on {ev['vlb_samples']} held-out samples; " if ev["vlb_samples"] else ""
+    lines += [f"n = {ev['n']} samples per cell (seed {ev['seed']}); {likelihood_note}total {results['seconds']:.0f} s.", ""]
     for data_name, rows in results["datasets"].items():
         nfes = sorted({int(k) for r in rows for k in r["quality"]})
         metric, _, floor = primary(next(iter(rows[0]["quality"].values()))["rows"])
         lik_names = list(dict.fromkeys(likelihood_column(name) for r in rows for name, _, _ in r["likelihood"]))
         lines += [f"## {data_name}", "", f"Headline: **{metric}** (noise floor, real vs real: {floor:.4g}) per NFE "
-                  "('@k': the sampler spent k < NFE evaluations, e.g. Heun's 2n - 1); likelihood of held-out data "
-                  "(lower is better).", ""]
+                  "('@k': the sampler spent k < NFE evaluations, e.g. Heun's 2n - 1)"
+                  + ("; likelihood of held-out data (lower is better)." if lik_names else "."), ""]
         head = ["run", "preset", "param.", "objective", "sampler", "train s"] + [f"NFE {k or 'default'}" for k in nfes] + lik_names
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
@@ -224,7 +230,7 @@ def markdown(results: dict) -> str:
             sampler = next(iter(q.values()))["sampler"]
             objective = {"hybrid": "hybrid (learned Sigma)", "vlb": "true bound (Sigma = beta)"}.get(
                 r["objective"], f"weighting {r['weighting']}")
-            cells = [r["label"], r["preset"], r["parameterization"], objective, sampler, f"{r['train_seconds']:.0f}"]
+            cells = [r["label"], r["preset"], r["parameterization"], objective, sampler, train_cell(r["train_seconds"])]
             cells += [f"{primary(q[k]['rows'])[1]:.4g}" + (f" @{q[k]['nfe_used']}" if q[k]["nfe_used"] != k else "")
                   if k in q else "-" for k in nfes]
             lik = {likelihood_column(name): v for name, v, _ in r["likelihood"]}

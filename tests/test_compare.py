@@ -51,11 +51,14 @@ def test_shipped_spec_quick_through_the_entry_point(tmp_path, name, datasets, ru
                         capture_output=True, text=True, timeout=600)
     assert r2.returncode == 0, r2.stderr[-2000:]
     again = json.loads((out / "results.json").read_text())
-    assert all(row["train_seconds"] == 0 for rows in again["datasets"].values() for row in rows)
+    shared = {"EDM, deis_pc"} if name == "design-space" else set()
+    for rows in again["datasets"].values():
+        assert all(row["train_seconds"] is None if row["label"] in shared else row["train_seconds"] == 0 for row in rows)
     if name == "design-space":  # the two EDM runs differ only in the sampler: one training, one folder
         assert not (out / "digits" / "edm-deis-pc").exists() and (out / "digits" / "edm").is_dir()
         rows = {row["label"]: row for row in results["datasets"]["digits"]}
         assert next(iter(rows["EDM, deis_pc"]["quality"].values()))["sampler"] == "deis_pc"
+        assert rows["EDM, deis_pc"]["train_seconds"] is None and "| shared |" in table
 
 
 def test_spec_errors(tmp_path):
