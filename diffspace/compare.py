@@ -163,7 +163,7 @@ def measure_run(model, cfg: Config, info: dict, run_spec: dict, options: dict, t
         lik = likelihood(model, test.x[:options["vlb_samples"]], data.levels, vlb_steps=tuple(options["vlb_steps"]),
                          pf_ode_steps=options["pf_ode_steps"], seed=options["seed"])
     row = {"label": run_spec["label"], "preset": cfg.model.preset, "parameterization": cfg.model.parameterization,
-           "weighting": model.weighting, "objective": cfg.model.objective, "steps": cfg.train.steps,
+           "weighting": model.weighting, "objective": cfg.model.objective, "noise": cfg.model.noise, "steps": cfg.train.steps,
            "train_seconds": train_seconds, "quality": quality, "likelihood": lik}
     return row, data
 
@@ -229,7 +229,7 @@ def markdown(results: dict) -> str:
             q = {int(k): v for k, v in r["quality"].items()}
             sampler = next(iter(q.values()))["sampler"]
             objective = {"hybrid": "hybrid (learned Sigma)", "vlb": "true bound (Sigma = beta)"}.get(
-                r["objective"], f"weighting {r['weighting']}")
+                r["objective"], f"weighting {r['weighting']}") + (f", noise {r['noise']}" if r["noise"] else "")
             cells = [r["label"], r["preset"], r["parameterization"], objective, sampler, train_cell(r["train_seconds"])]
             cells += [f"{primary(q[k]['rows'])[1]:.4g}" + (f" @{q[k]['nfe_used']}" if q[k]["nfe_used"] != k else "")
                   if k in q else "-" for k in nfes]

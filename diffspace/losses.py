@@ -301,6 +301,55 @@ class IDDPMNoise(_SigmaDistribution):
         return self.u.to(j.device)[j]
 
 
+class ImportanceSampler(torch.nn.Module):
+    """i ~ p_i proportional to sqrt(E[L_i^2]) over the steps i = 1..T of a DiscreteVP chain, the loss
+    reweighted by 1 / (T p_i) so its mean is unchanged (Nichol & Dhariwal 2021, section 3.3, eq. 18:
+    'L_vlb with importance sampling'). E[L_i^2] is the mean square of the last `history` losses seen
+    at step i; until every step has that many, i is drawn uniformly (weight 1); a share
+    `uniform_prob` of p stays uniform. The history is a buffer, so checkpoints carry it and a
+    resumed run continues exactly. Call `sample` for (t, weight), then `update(t, losses)`.
+    """
+
+    def __init__(self, T: int = 1000, history: int = 10, uniform_prob: float = 0.001):
+        super().__init__()
+        if not (isinstance(T, int) and T >= 1 and isinstance(history, int) and history >= 1):
+            raise ValueError(f"T={T!r}, history={history!r} must be positive integers")
+        if not 0 <= uniform_prob <= 1:
+            raise ValueError(f"uniform_prob={uniform_prob} must lie in [0, 1]")
+        self.T, self.uniform_prob = T, uniform_prob
+        self.register_buffer("history", torch.zeros(T, history, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(T, dtype=torch.int64))
+
+    def probabilities(self) -> Tensor:
+        """p_i, i = 1..T (shape (T,)): uniform until warm, then sqrt(mean L_i^2) mixed with uniform."""
+        if bool((self.count < self.history.shape[1]).any()):
+            return torch.full((self.T,), 1 / self.T, dtype=torch.float64, device=self.history.device)
+        w = self.history.pow(2).mean(dim=1).sqrt()
+        return (1 - self.uniform_prob) * w / w.sum() + self.uniform_prob / self.T
+
+    def sample(self, n: int, schedule: DiscreteVP, generator: torch.Generator | None = None, device=None):
+        """(t = i / T, weight 1 / (T p_i)), each of shape (n,)."""
+        if not (isinstance(schedule, DiscreteVP) and schedule.T == self.T):
+            raise ValueError(f"importance sampling was set up for a DiscreteVP chain of T={self.T} steps, got {schedule!r}")
+        p = self.probabilities()
+        i = torch.multinomial(p, _check_n(n), replacement=True, generator=generator) + 1
+        return schedule.discrete_t(i.to(device)), (1 / (self.T * p[i - 1])).to(device)
+
+    def forward(self, n: int, schedule: DiscreteVP, generator: torch.Generator | None = None, device=None) -> Tensor:
+        return self.sample(n, schedule, generator, device)[0]
+
+    @torch.no_grad()
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Record the (unweighted) per-sample losses at t = i / T, oldest first out."""
+        for i, loss in zip(torch.round(t * self.T).long().tolist(), losses.double().tolist()):
+            row, k = self.history[i - 1], int(self.count[i - 1])
+            if k == row.numel():
+                row.copy_(torch.roll(row, -1))
+                k -= 1
+            row[k] = loss
+            self.count[i - 1] = k + 1
+
+
 NOISE_DISTRIBUTIONS = {
     "discrete-uniform": DiscreteUniform,
     "uniform": Uniform,
@@ -309,6 +358,7 @@ NOISE_DISTRIBUTIONS = {
     "edm": LogNormal,
     "logit-normal": LogitNormal,
     "iddpm": IDDPMNoise,
+    "importance": ImportanceSampler,
 }
 
 

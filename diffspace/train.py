@@ -58,7 +58,7 @@ class ModelConfig:
     parameterization: str = "precond"  # "precond" (Table 1 as is) or one of PARAMETERIZATIONS
     weighting: str = ""  # "" = the preset's; else a name in losses.WEIGHTINGS (stated in `weighting_space`)
     weighting_space: str = ""  # "" = the preset's (or the weighting's own space)
-    noise: str = ""  # "" = the preset's noise distribution; else a name in losses.NOISE_DISTRIBUTIONS
+    noise: str = ""  # "" = the preset's noise distribution; else a name in losses.NOISE_DISTRIBUTIONS ("importance": iDDPM's)
     objective: str = "weighted"  # "weighted" (the weighting above), "vlb" (the true bound) or "hybrid" (+ L_vlb, learned Sigma)
     hybrid_lambda: float = 0.001  # iDDPM's lambda on L_vlb in the hybrid objective
     class_conditional: bool = False
@@ -231,7 +231,8 @@ class Diffusion(torch.nn.Module):
     outputs twice the data channels, v = (F's second half + 1) / 2), L_vlb seeing the mean through a
     stop-gradient, so the mean is trained by the first term alone. "vlb" and "hybrid" need a
     discrete chain (the ddpm or iddpm preset). `levels` is the data's number of quantization levels
-    (0: continuous), which picks the decoder of L_0.
+    (0: continuous), which picks the decoder of L_0. noise="importance" draws the step by the loss's
+    second moment and reweights it (losses.ImportanceSampler; Nichol & Dhariwal 2021, eq. 18).
     """
 
     def __init__(self, F: torch.nn.Module, preset: Preset, parameterization: str = "precond",
@@ -255,7 +256,12 @@ class Diffusion(torch.nn.Module):
         self.weighting = weighting or preset.weighting
         self.weighting_kwargs = preset.weighting_kwargs if not weighting else {}
         self.weighting_space = weighting_space or (preset.weighting_space if not weighting else "")
-        self.noise = losses.noise_distribution(noise or preset.noise, **(preset.noise_kwargs if not noise else {}))
+        if noise == "importance":  # iDDPM's sampler of t by the loss's second moment; needs the chain's T
+            if not isinstance(self.schedule, DiscreteVP):
+                raise ValueError(f"noise='importance' needs a discrete chain (preset ddpm or iddpm), got preset {preset.name!r}")
+            self.noise = losses.ImportanceSampler(self.schedule.T)
+        else:
+            self.noise = losses.noise_distribution(noise or preset.noise, **(preset.noise_kwargs if not noise else {}))
         if parameterization == "precond":
             self.denoiser = Denoiser(F, preset.precond)
         else:
@@ -287,7 +293,10 @@ class Diffusion(torch.nn.Module):
     def loss(self, x: Tensor, labels: Tensor | None, generator: torch.Generator, t: Tensor | None = None) -> Tensor:
         """Per-sample weighted loss of Algorithm 1 (shape (B,)); t (B,) in the training schedule's
         time is drawn from the noise distribution unless given (e.g. to measure the loss per level)."""
-        if t is None:
+        importance = None
+        if t is None and isinstance(self.noise, losses.ImportanceSampler):
+            t, importance = self.noise.sample(x.shape[0], self.schedule, generator=generator, device=x.device)
+        elif t is None:
             t = self.noise(x.shape[0], self.schedule, generator=generator, device=x.device)
         eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         if self.parameterization == "precond":  # Karras et al. 2022, eq. 2 with lambda(sigma)
@@ -302,11 +311,15 @@ class Diffusion(torch.nn.Module):
             w = self._weight(t, self.parameterization)
             x0_hat = to_x0(pred, self.parameterization, z, t.to(x.dtype), self.schedule) if self.objective != "weighted" else None
         if self.objective == "vlb":
-            return self._vlb_term(x, eps, t, x0_hat, None)
-        per_sample = ((pred.float() - goal.float()) ** 2).reshape(x.shape[0], -1).mean(dim=1)
-        loss = w.to(per_sample) * per_sample
-        if self.learned_variance:
-            loss = loss + self.hybrid_lambda * self._vlb_term(x, eps, t, x0_hat.detach(), self.head.v)
+            loss = self._vlb_term(x, eps, t, x0_hat, None)
+        else:
+            per_sample = ((pred.float() - goal.float()) ** 2).reshape(x.shape[0], -1).mean(dim=1)
+            loss = w.to(per_sample) * per_sample
+            if self.learned_variance:
+                loss = loss + self.hybrid_lambda * self._vlb_term(x, eps, t, x0_hat.detach(), self.head.v)
+        if importance is not None:  # E[loss / (T p_t)] under p equals the uniform mean of the loss
+            self.noise.update(t, loss.detach())
+            loss = loss * importance.to(loss)
         return loss
 
     def _vlb_term(self, x: Tensor, eps: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None) -> Tensor:
