@@ -173,6 +173,9 @@ def train_cell(seconds: float | None) -> str:
     return "shared" if seconds is None else f"{seconds:.0f}"
 
 
+SE = ": standard error"  # the suffix of the row evaluate.likelihood gives beside each mean
+
+
 def likelihood_column(name: str) -> str:
     """A likelihood row's name without its Sigma, so runs with fixed and learned variances share a column."""
     return re.sub(r", Sigma [a-z_]+", "", name)
@@ -201,7 +204,7 @@ def figures(out: Path, data_name: str, rows: list, models: dict, data, spec: dic
         plots.quality_vs_nfe(curves, out / f"{key}_quality_vs_nfe.png", metric_name=metric, floor=floor,
                              title=f"{spec.get('title', spec['name'])}: {data_name}")
     bars = {r["label"]: {**{f"{primary(q['rows'])[0]} @ {q['nfe_used']} NFE": primary(q["rows"])[1] for q in r["quality"].values()},
-                         **{likelihood_column(name): v for name, v, _ in r["likelihood"]}} for r in rows}
+                         **{likelihood_column(name): v for name, v, _ in r["likelihood"] if not name.endswith(SE)}} for r in rows}
     plots.bar_table(bars, out / f"{key}_runs.png", title=f"{spec.get('title', spec['name'])}: {data_name}")
     x = data.x[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:64 if quick else 256]]
     plots.loss_per_noise_level_figure(models, x, out / f"{key}_loss_per_level.png", n_levels=8 if quick else 32)
@@ -219,7 +222,8 @@ def markdown(results: dict) -> str:
     for data_name, rows in results["datasets"].items():
         nfes = sorted({int(k) for r in rows for k in r["quality"]})
         metric, _, floor = primary(next(iter(rows[0]["quality"].values()))["rows"])
-        lik_names = list(dict.fromkeys(likelihood_column(name) for r in rows for name, _, _ in r["likelihood"]))
+        lik_names = list(dict.fromkeys(likelihood_column(name) for r in rows for name, _, _ in r["likelihood"]
+                                       if not name.endswith(SE)))
         lines += [f"## {data_name}", "", f"Headline: **{metric}** (noise floor, real vs real: {floor:.4g}) per NFE "
                   "('@k': the sampler spent k < NFE evaluations, e.g. Heun's 2n - 1)"
                   + ("; likelihood of held-out data (lower is better)." if lik_names else "."), ""]
@@ -234,7 +238,8 @@ def markdown(results: dict) -> str:
             cells += [f"{primary(q[k]['rows'])[1]:.4g}" + (f" @{q[k]['nfe_used']}" if q[k]["nfe_used"] != k else "")
                   if k in q else "-" for k in nfes]
             lik = {likelihood_column(name): v for name, v, _ in r["likelihood"]}
-            cells += [f"{lik[name]:.4g}" if name in lik else "-" for name in lik_names]
+            cells += [(f"{lik[name]:.4g}" + (f" ± {lik[name + SE]:.2g}" if name + SE in lik else "")) if name in lik else "-"
+                      for name in lik_names]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"Every measure ({data_name}), model / noise floor:", ""]
         names = list(dict.fromkeys(row[0] for r in rows for q in r["quality"].values() for row in q["rows"]))

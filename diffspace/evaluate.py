@@ -248,16 +248,25 @@ def likelihood(model, test: Tensor, levels: int, *, vlb_steps=(0,), pf_ode_steps
             nats = model_vlb(denoiser if not model.learned_variance else None, x, chain, variance, levels,
                              generator=torch.Generator().manual_seed(seed))
             sigma = "learned" if model.learned_variance else "beta"
-            rows.append((f"NLL bound (VLB, {chain.T} steps, Sigma {sigma}), {unit}", float(nats.mean()) * scale, None))
+            rows += _mean_and_standard_error(f"NLL bound (VLB, {chain.T} steps, Sigma {sigma}), {unit}", nats * scale)
     if pf_ode_steps:
         if levels:  # uniform dequantization over each level's bin of width 2 / (levels - 1)
             width = 2 / (levels - 1)
             u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
             nll = pf_ode_nll(denoiser, x + (u - 0.5) * width, steps=pf_ode_steps)
-            value = float(dequantized_bits_per_dim(nll, dim, width).mean())
+            per_dim = dequantized_bits_per_dim(nll, dim, width)
         else:
-            value = float(pf_ode_nll(denoiser, x, steps=pf_ode_steps).mean()) / dim
-        rows.append((f"NLL (probability-flow ODE, {pf_ode_steps} RK4 steps), {unit}", value, None))
+            per_dim = pf_ode_nll(denoiser, x, steps=pf_ode_steps) / dim
+        rows += _mean_and_standard_error(f"NLL (probability-flow ODE, {pf_ode_steps} RK4 steps), {unit}", per_dim)
+    return rows
+
+
+def _mean_and_standard_error(name: str, per_sample: Tensor) -> list[Row]:
+    """The row of a per-sample likelihood's mean and, from two samples on, the row of its standard
+    error std / sqrt(n) (the same held-out samples for every model, so differences are paired)."""
+    rows: list[Row] = [(name, float(per_sample.mean()), None)]
+    if per_sample.numel() > 1:
+        rows.append((f"{name}: standard error", float(per_sample.std() / math.sqrt(per_sample.numel())), None))
     return rows
 
 

@@ -137,10 +137,28 @@ def test_evaluate_run_reports_every_measure_with_its_floor(tmp_path, spec, names
         assert math.isfinite(value), name
         if "NLL" not in name:
             assert floor is not None and math.isfinite(floor), name
+    values = {name: value for name, value, _ in result["rows"]}
+    means = [name for name in values if "NLL" in name and not name.endswith("standard error")]
+    assert len(means) == 3  # the bound on 1000 and 10 steps, the ODE
+    for name in means:  # 8 held-out samples: a standard error beside every likelihood
+        assert 0 < values[f"{name}: standard error"] < 10 * abs(values[name]) + 1, name
     real_vs_real = {name: floor for name, _, floor in result["rows"]}
     if spec == "digits":  # two halves of the real digits: the feature net recognises them
         assert real_vs_real["confident share p >= 0.8 (higher)"] > 0.85
         assert real_vs_real["precision (higher)"] > 0.8
+
+
+def test_likelihood_standard_error_is_the_sample_std_over_root_n():
+    import statistics
+
+    from diffspace.evaluate import _mean_and_standard_error
+
+    per_sample = [2.0, 3.5, 2.5, 4.0, 3.0]
+    rows = _mean_and_standard_error("NLL", torch.tensor(per_sample, dtype=torch.float64))
+    assert rows[0] == ("NLL", statistics.mean(per_sample), None)
+    assert rows[1][0] == "NLL: standard error"
+    assert math.isclose(rows[1][1], statistics.stdev(per_sample) / math.sqrt(5), rel_tol=1e-12)
+    assert _mean_and_standard_error("NLL", torch.tensor([2.0])) == [("NLL", 2.0, None)]
 
 
 def test_real_sets_are_independent_and_of_one_size():
