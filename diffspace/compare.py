@@ -33,10 +33,9 @@ import torch
 
 from . import plots
 from .checkpoint import atomic_write_text, latest
-from .data import load
 from .evaluate import likelihood, sample_quality
 from .samplers import sampler_nfe
-from .train import Config, default_sampling, load_config, load_model, sample, set_option, train
+from .train import Config, default_sampling, load_config, load_data, load_model, sample, set_option, train
 
 EVAL_DEFAULTS = {"nfe": [0], "n": 1000, "seed": 0, "vlb_steps": [0], "vlb_samples": 100, "pf_ode_steps": 0}
 RUN_KEYS = ("label", "sampler")
@@ -148,9 +147,7 @@ def measure_run(model, cfg: Config, info: dict, run_spec: dict, options: dict, t
     """(row, data): every NFE of one run, sample_quality of n samples (fixed seed), then the likelihood.
     quality is keyed by the NFE asked for (0: the sampler's default); nfe_used is what the sampler
     spent, the largest count that fits (Heun's 2n - 1 cannot hit an even NFE)."""
-    data = load(cfg.data.spec, n=cfg.data.n or None, size=cfg.data.size or None,
-                channels=cfg.data.channels or None, seed=cfg.train.seed)
-    _, test = data.split(cfg.data.test_fraction, seed=cfg.train.seed)
+    data, _, test = load_data(cfg)
     shape = tuple(info["shape"])
     quality = {}
     for nfe in options["nfe"]:

@@ -276,13 +276,10 @@ def evaluate_run(run: str, n: int = 2000, sampler: str = "", nfe: int = 0, seed:
     """Sample n from a run's EMA model and measure them (sample_quality, each figure beside its noise
     floor), then the likelihood of nll_samples held-out samples (likelihood: the VLB on the chains
     `vlb_steps`, the probability-flow ODE with pf_ode_steps; 0 / () skips them)."""
-    from .data import load
-    from .train import load_model, sample
+    from .train import load_data, load_model, sample
 
     model, cfg, info = load_model(run)
-    data = load(cfg.data.spec, n=cfg.data.n or None, size=cfg.data.size or None,
-                channels=cfg.data.channels or None, seed=cfg.train.seed)
-    _, test = data.split(cfg.data.test_fraction, seed=cfg.train.seed)
+    data, _, test = load_data(cfg)
     x = sample(model, n, tuple(info["shape"]), torch.Generator().manual_seed(seed), sampler, nfe)
     rows = sample_quality(x, data, seed=seed, inception=inception)
     if nll_samples:

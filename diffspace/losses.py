@@ -340,14 +340,18 @@ class ImportanceSampler(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, t: Tensor, losses: Tensor) -> None:
-        """Record the (unweighted) per-sample losses at t = i / T, oldest first out."""
+        """Record the (unweighted) per-sample losses at t = i / T, oldest first out. The bookkeeping
+        runs on CPU copies (the buffers themselves on CPU), two transfers per call on a GPU."""
+        history, count = self.history.cpu(), self.count.cpu()
         for i, loss in zip(torch.round(t * self.T).long().tolist(), losses.double().tolist()):
-            row, k = self.history[i - 1], int(self.count[i - 1])
+            row, k = history[i - 1], int(count[i - 1])
             if k == row.numel():
                 row.copy_(torch.roll(row, -1))
                 k -= 1
             row[k] = loss
-            self.count[i - 1] = k + 1
+            count[i - 1] = k + 1
+        self.history.copy_(history)
+        self.count.copy_(count)
 
 
 NOISE_DISTRIBUTIONS = {

@@ -438,6 +438,16 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_data(cfg: Config):
+    """(data, train_set, test_set) of a config: data.load with its data.* options and the run's seed,
+    split deterministically by data.test_fraction (Dataset.split)."""
+    from .data import load
+
+    data = load(cfg.data.spec, n=cfg.data.n or None, size=cfg.data.size or None,
+                channels=cfg.data.channels or None, seed=cfg.train.seed)
+    return (data, *data.split(cfg.data.test_fraction, seed=cfg.train.seed))
+
+
 def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int | None = None,
           stop_at: int | None = None, progress: bool = True) -> dict:
     """Train into `run_dir` (a new run from `cfg`), or continue it (resume=True, cfg=None: the run's
@@ -445,7 +455,7 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
     run; `stop_at` stops early at that step with a checkpoint, as an interruption would (Ctrl-C also
     writes one). Returns a summary dict (steps, seconds, model, ema, data, config)."""
     from . import plots
-    from .data import batch_indices, load
+    from .data import batch_indices
 
     run_dir = Path(run_dir)
     last = ckpt.latest(run_dir / "checkpoints")
@@ -467,9 +477,7 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
     device = _device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
 
-    data = load(cfg.data.spec, n=cfg.data.n or None, size=cfg.data.size or None,
-                channels=cfg.data.channels or None, seed=cfg.train.seed)
-    train_set, _ = data.split(cfg.data.test_fraction, seed=cfg.train.seed)
+    data, train_set, _ = load_data(cfg)
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(f"the training set of {cfg.data.spec!r} has {len(train_set)} samples, "
                          f"fewer than train.batch_size={cfg.train.batch_size}")
