@@ -93,21 +93,24 @@ class GaussianMixture:
         return math.sqrt(float(self.covariance.trace()) / self.dim)
 
     # -- exact sampling ---------------------------------------------------------------------------
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None, return_labels: bool = False):
         """n exact samples (n, d) float64: k ~ Cat(w), x = mu_k + U_k diag(sqrt(lam_k)) z, z ~ N(0, I).
 
-        Drawn on the generator's device (CPU without one)."""
+        Drawn on the generator's device (CPU without one). With return_labels=True, returns (x, k) with
+        k (n,) int64 the component of each sample (ancestral sampling, PRML sec. 8.1.2); x is the same
+        draw either way."""
         device = generator.device if generator is not None else torch.device("cpu")
         p = self._on(device)
         k = torch.multinomial(p["w"], n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=F64, device=device) * p["lam"][k].sqrt()
         if p["U"] is None:
-            return p["mu"][k] + z
-        x = torch.empty_like(z)
-        for j in range(self.K):
-            m = k == j
-            x[m] = p["mu"][j] + z[m] @ p["U"][j].mT
-        return x
+            x = p["mu"][k] + z
+        else:
+            x = torch.empty_like(z)
+            for j in range(self.K):
+                m = k == j
+                x[m] = p["mu"][j] + z[m] @ p["U"][j].mT
+        return (x, k) if return_labels else x
 
     # -- noisy density, score, denoiser -----------------------------------------------------------
     def log_prob(self, x: Tensor, sigma=0.0) -> Tensor:
@@ -135,6 +138,88 @@ class GaussianMixture:
         return (x64 - (s * s)[:, None] * self._precision_residual(x64, s)).to(self._out_dtype(x))
 
     __call__ = denoiser
+
+    # -- component labels: noise-conditional classifier and class-conditional denoiser -------------
+    def log_posterior(self, x: Tensor, sigma=0.0) -> Tensor:
+        """log p(y = k | x~ = x, sigma) = log w_k + log N(x; mu_k, C_k + sigma^2 I) - log p_sigma(x), (B, K).
+
+        The exact noise-conditional classifier when the labels are the components: Bayes' rule for the
+        responsibilities (PRML eq. 9.13) on the noisy mixture (PRML eq. 2.115), via log-softmax.
+        Differentiable in x, so sigma^2 grad_x log p(y | x~) is the exact classifier-guidance term."""
+        x64, s = self._prepare(x, sigma)
+        return torch.log_softmax(self._joint(x64, s)[0], dim=-1).to(self._out_dtype(x))
+
+    def conditional_denoiser(self, x: Tensor, sigma, labels) -> Tensor:
+        """E[x0 | x~ = x, y = k] = mu_k + C_k (C_k + sigma^2 I)^{-1} (x - mu_k), shape (B, d).
+
+        The Wiener filter of component k alone (PRML eq. 2.116), k = labels[b] per sample (labels (B,)
+        or one int for all, integers in [0, K)); computed from the eigendecomposition C_k = U_k
+        diag(lam_k) U_k^T as mu_k + U_k diag(lam_k / (lam_k + sigma^2)) U_k^T (x - mu_k).
+        Bayes: sum_k p(k | x~) E[x0 | x~, k] = denoiser(x~), and E[x0 | x~, k] = denoiser(x~) +
+        sigma^2 grad_x log p(k | x~) (classifier guidance, Dhariwal & Nichol 2021, with guidance scale 1)."""
+        x64, s = self._prepare(x, sigma)
+        k = torch.as_tensor(labels, device=x.device)
+        if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
+            raise ValueError(f"labels must be integers in [0, {self.K}), got dtype {k.dtype}")
+        k = k.long().expand(x.shape[0]) if k.ndim == 0 else k.long()
+        if k.shape != (x.shape[0],):
+            raise ValueError(f"labels must be an int or have shape ({x.shape[0]},), got shape {tuple(k.shape)}")
+        bad = (k < 0) | (k >= self.K)
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {self.K}), got {k[bad][:3].tolist()}")
+        mu, lam = self.means.to(x.device)[k], self.lam.to(x.device)[k]
+        g = lam / (lam + (s * s)[:, None])  # shrinkage of each eigen-direction; 1 at sigma = 0
+        y = x64 - mu
+        if self.U is None:
+            return (mu + g * y).to(self._out_dtype(x))
+        U = self.U.to(x.device)[k]  # (B, d, d)
+        return (mu + (U @ (g * (y[:, None, :] @ U)[:, 0])[..., None])[..., 0]).to(self._out_dtype(x))
+
+    # -- sub-mixtures and conditioning on coordinates ----------------------------------------------
+    def component(self, k: int) -> GaussianMixture:
+        """Component k alone, N(mu_k, C_k), as a one-component mixture."""
+        if isinstance(k, bool) or not hasattr(k, "__index__") or not 0 <= int(k) < self.K:
+            raise ValueError(f"component index must be an int in [0, {self.K}), got {k!r}")
+        k = int(k)
+        return GaussianMixture(torch.ones(1, dtype=F64), self.means[k : k + 1], self.covs[k : k + 1])
+
+    def condition(self, mask, values) -> GaussianMixture:
+        """The exact law p(x_U | x_K = values) of the unknown coordinates U given the known ones K.
+
+        mask (d,) bool, True = known; values (d,) (entries at unknown coordinates ignored) or (n_known,).
+        Each component conditions as a Gaussian (PRML eq. 2.81-2.82),
+
+            mu'_k = mu_k,U + C_k,UK C_k,KK^{-1} (x_K - mu_k,K),   C'_k = C_k,UU - C_k,UK C_k,KK^{-1} C_k,KU,
+
+        and the weights follow Bayes' rule on the marginals p(x_K) = sum_k w_k N(x_K; mu_k,K, C_k,KK)
+        (PRML eq. 2.98 for the marginal), w'_k = w_k N(x_K; mu_k,K, C_k,KK) / p(x_K), in log-sum-exp."""
+        m = torch.as_tensor(mask).detach().cpu()
+        if m.dtype != torch.bool or m.shape != (self.dim,):
+            raise ValueError(f"mask must be a bool tensor of shape ({self.dim},), "
+                             f"got {m.dtype} of shape {tuple(m.shape)}")
+        nk = int(m.sum())
+        if nk == 0 or nk == self.dim:
+            raise ValueError(f"mask must mark at least one known and one unknown coordinate, "
+                             f"got {nk} known of {self.dim}")
+        v = torch.as_tensor(values, dtype=F64).detach().cpu()
+        if v.shape == (self.dim,):
+            v = v[m]
+        if v.shape != (nk,):
+            raise ValueError(f"values must have shape ({self.dim},) or (n_known,) = ({nk},), got {tuple(v.shape)}")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("values must be finite")
+        C, mu = self.covs, self.means
+        C_KK, C_UK, C_UU = C[:, m][:, :, m], C[:, ~m][:, :, m], C[:, ~m][:, :, ~m]
+        L = torch.linalg.cholesky(C_KK)
+        y = (v - mu[:, m])[..., None]  # (K, nk, 1)
+        z = torch.linalg.solve_triangular(L, y, upper=False)  # L^{-1} (x_K - mu_K)
+        A = torch.linalg.solve_triangular(L, C_UK.mT, upper=False)  # L^{-1} C_KU, (K, nk, nu)
+        logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        log_n = -0.5 * ((z * z).sum((-2, -1)) + logdet + nk * math.log(2 * math.pi))  # log N(x_K; mu_K, C_KK)
+        w = torch.softmax(self.weights.log() + log_n, dim=0)
+        mu_c = mu[:, ~m] + (A.mT @ z)[..., 0]
+        C_c = C_UU - A.mT @ A
+        return GaussianMixture(w, mu_c, (C_c + C_c.mT) / 2)
 
     # -- internals --------------------------------------------------------------------------------
     def _on(self, device) -> dict:

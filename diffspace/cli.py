@@ -1,8 +1,10 @@
-"""Command line: `diffspace train | sample | eval | compare | info | demo`. Bad arguments exit 2 with a one-line message."""
+"""Command line: `diffspace train | train-classifier | sample | edit | eval | compare | info | demo`.
+Bad arguments exit 2 with a one-line message."""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -34,13 +36,16 @@ def cmd_demo(args) -> int:
     r = run(out, scale=args.scale, progress=not args.quiet)
     d, ring = r["digits"], r["ring8"]
     print(f"digits: {100 * d['confident']:.1f}% confident (>= 80% needed), smallest class {100 * d['min_class_fraction']:.1f}% (>= 4%)")
+    g = r["guided"]
+    print(f"digits, guided (w = {g['w']:g}): the feature net agrees with the requested class on {100 * g['agreement']:.1f}% of {g['n']}")
     print(f"ring8: sliced W2 {ring['sw2']:.4f} vs noise floor {ring['floor']:.4f} (ratio {ring['ratio']:.2f}, <= 2 needed)")
     print(f"done in {r['seconds']:.0f} s; report: {out / 'report.md'}")
     return 0
 
 
-def cmd_train(args) -> int:
-    from .train import load_config, train
+def cmd_train(args, kind: str = "diffusion") -> int:
+    from .config import load_config
+    from .train import train
 
     if args.resume:  # the run folder holds everything; only the number of steps may change
         if args.config or args.overrides or args.preset or args.data:
@@ -53,27 +58,116 @@ def cmd_train(args) -> int:
         for key, value in (("model.preset", args.preset), ("data.spec", args.data), ("train.steps", args.steps)):
             if value is not None:
                 overrides.append(f"{key}={value}")
-        summary = train(load_config(config, overrides), Path(args.out), progress=not args.quiet)
+        cfg = load_config(config, overrides)
+        if kind == "classifier":
+            cfg.model.kind = "classifier"
+        summary = train(cfg, Path(args.out), progress=not args.quiet)
     print(f"trained to step {summary['steps']} in {summary['seconds']:.1f} s -> {summary['run_dir']}")
     return 0
 
 
+def sample_settings(args, base):
+    """The run's [sample] section with this command's sampling flags and --set sample.KEY=VALUE on top."""
+    from .config import Config, apply_overrides
+
+    flags = [("sampler", args.sampler), ("nfe", args.nfe), ("seed", args.seed), ("classes", args.classes),
+             ("guidance", args.guidance), ("guidance_interval", args.guidance_interval),
+             ("guidance_rescale", args.guidance_rescale), ("guide_run", args.guide_run),
+             ("classifier", args.classifier), ("classifier_scale", args.classifier_scale)]
+    overrides = [f"sample.{key}={value}" for key, value in flags if value is not None]
+    for item in args.set:
+        if not item.startswith("sample."):
+            raise ValueError(f"--set {item!r}: only sample.KEY=VALUE may be set here (a run's other settings are fixed)")
+        overrides.append(item)
+    return apply_overrides(Config(sample=copy.deepcopy(base)), overrides).sample
+
+
+def _run_folder(run: str) -> Path:
+    return Path(run) if Path(run).is_dir() else Path(run).parent
+
+
 def cmd_sample(args) -> int:
+    import numpy as np
+
+    from .model import load_model
+    from .plots import save_samples
+    from .sampling import sample
+
+    if args.n < 1:
+        raise ValueError(f"--n={args.n} must be >= 1")
+    model, cfg, _ = load_model(Path(args.run))
+    s = sample(model, args.n, sample_settings(args, cfg.sample))
+    out = Path(args.out) if args.out else _run_folder(args.run) / "samples" / "sample.png"
+    save_samples(s.x, out, labels=s.labels)
+    arrays = {"x": s.x.numpy(), **({"labels": s.labels.numpy()} if s.labels is not None else {})}
+    np.savez(out.with_suffix(".npz"), **arrays)
+    print(f"wrote {out} and {out.with_suffix('.npz')} ({s.describe()})")
+    return 0
+
+
+def cmd_edit(args) -> int:
     import numpy as np
     import torch
 
-    from .plots import save_samples
-    from .train import load_model, sample
+    from . import edit, plots
+    from .data import load
+    from .model import load_model
+    from .sampling import guided_denoiser, class_labels, plan
 
-    if args.n < 1 or args.nfe < 0:
-        raise ValueError(f"--n={args.n} must be >= 1 and --nfe={args.nfe} >= 0 (0: the sampler's default)")
-    model, cfg, info = load_model(Path(args.run))
-    g = torch.Generator().manual_seed(args.seed)
-    x = sample(model, args.n, tuple(info["shape"]), g, args.sampler, args.nfe)
-    out = Path(args.out) if args.out else (Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent) / "samples" / "sample.png"
-    save_samples(x, out)
-    np.savez(out.with_suffix(".npz"), x=x.numpy())
-    print(f"wrote {out} and {out.with_suffix('.npz')}")
+    modes = [args.mask is not None, args.strength is not None, args.invert]
+    if sum(modes) != 1:
+        raise ValueError("edit needs exactly one of --mask (inpainting), --strength (SDEdit) or --invert (encode + decode)")
+    if args.n < 1:
+        raise ValueError(f"--n={args.n} must be >= 1")
+    model, cfg, _ = load_model(Path(args.run))
+    settings = sample_settings(args, cfg.sample)
+    p = plan(model.preset, settings)
+    source = load(args.input)
+    if source.shape != model.shape:
+        raise ValueError(f"--input {args.input!r} holds samples of shape {source.shape}; the model's data are {model.shape}")
+    source = source.subset(torch.randperm(len(source), generator=torch.Generator().manual_seed(settings.seed))[:args.n])
+    y = source.x
+    labels = class_labels(settings.classes, len(y), model.num_classes)
+    D, _ = guided_denoiser(model, settings, labels)
+    g = torch.Generator().manual_seed(settings.seed)
+    out = Path(args.out) if args.out else _run_folder(args.run) / "samples" / "edit.png"
+    arrays = {"input": y.numpy(), **({"source_labels": source.labels.numpy()} if source.labels is not None else {})}
+    with torch.no_grad():
+        if args.mask is not None:
+            mask = edit.make_mask(args.mask, model.shape)
+            mask = ~mask if args.invert_mask else mask
+            x = edit.inpaint(D, y, mask, p.sigmas, p.sampler, method=args.method, jump_length=args.jump_length,
+                             jump_n_sample=args.jump_n_sample, generator=g, **p.options)
+            changed = int((x != y)[mask.expand_as(y)].sum())
+            report = f"{args.method} inpainting, {int(mask.sum())} of {mask.numel()} values known; known values changed: {changed}"
+            arrays["mask"] = mask.numpy()
+            shown = torch.where(mask, y, torch.full_like(y, -1.0))
+        elif args.strength is not None:
+            x = edit.sdedit(D, y, p.sigmas, args.strength, p.sampler, generator=g, **p.options)
+            start = float(p.sigmas[edit.sdedit_start(p.sigmas, args.strength)])
+            report, shown = f"SDEdit from sigma {start:.4g} (strength {args.strength:g})", y
+        else:
+            z = edit.encode(D, y, p.sigmas)
+            x = edit.decode(D, z, p.sigmas)
+            rmse = float((x - y).pow(2).mean().sqrt())
+            report = (f"probability-flow ODE encode + decode ({len(p.sigmas) - 2} Heun steps each way): round-trip RMSE "
+                      f"{rmse:.3g} ({rmse / float(y.std()):.3g} of the data's std)")
+            arrays["latent"], shown = z.numpy(), z.clamp(-3, 3) / 3
+    if source.labels is not None and args.mask is not None:
+        from .evaluate import judge
+
+        predict = judge(source)
+        if predict is not None:
+            agree = float((predict(x).cpu() == source.labels).double().mean())
+            report += f"; the {source.name} judge recognises the source's class in {100 * agree:.1f}% of the outputs"
+    arrays["x"] = x.numpy()
+    if x.ndim == 4:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plots.image_grid(torch.cat([y[:16], shown[:16], x[:16]]), nrow=min(16, len(y)), scale=4).save(out)
+    else:
+        plots.save_samples(x, out, reference=y)
+    np.savez(out.with_suffix(".npz"), **arrays)
+    print(f"{report}\nwrote {out} (rows: input, what the model saw, output) and {out.with_suffix('.npz')}")
     return 0
 
 
@@ -82,20 +176,21 @@ def cmd_eval(args) -> int:
 
     from .checkpoint import atomic_write_text
     from .evaluate import evaluate_run, markdown
+    from .model import load_model
 
-    if args.n < 2 or args.nfe < 0 or args.nll_samples < 0 or args.pf_ode_steps < 0:
-        raise ValueError(f"--n={args.n} must be >= 2, --nfe={args.nfe} >= 0 (0: the sampler's default), "
-                         f"--nll-samples={args.nll_samples} and --pf-ode-steps={args.pf_ode_steps} >= 0")
+    if args.n < 2 or args.nll_samples < 0 or args.pf_ode_steps < 0:
+        raise ValueError(f"--n={args.n} must be >= 2, --nll-samples={args.nll_samples} and "
+                         f"--pf-ode-steps={args.pf_ode_steps} >= 0")
     vlb_steps = tuple(int(k) for k in args.vlb_steps.split(",") if k.strip()) if args.vlb_steps else ()
-    result = evaluate_run(args.run, n=args.n, sampler=args.sampler, nfe=args.nfe, seed=args.seed,
-                          nll_samples=args.nll_samples, pf_ode_steps=args.pf_ode_steps, vlb_steps=vlb_steps,
-                          inception=args.inception)
-    folder = Path(args.run) if Path(args.run).is_dir() else Path(args.run).parent
+    settings = sample_settings(args, load_model(args.run)[1].sample)
+    result = evaluate_run(args.run, n=args.n, sample_cfg=settings, nll_samples=args.nll_samples,
+                          pf_ode_steps=args.pf_ode_steps, vlb_steps=vlb_steps, inception=args.inception)
+    folder = _run_folder(args.run)
     figures = eval_figures(result, folder)
     text = markdown(result) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
     print(text, end="")
     atomic_write_text(folder / "eval.md", text)
-    keep = ("run", "spec", "n", "sampler", "nfe", "rows")
+    keep = ("run", "spec", "n", "sampling", "rows")
     atomic_write_text(folder / "eval.json", json.dumps({k: result[k] for k in keep}, indent=1))
     return 0
 
@@ -108,13 +203,13 @@ def eval_figures(result: dict, folder: Path) -> list[Path]:
     from . import plots
     from .analytic import MIXTURES
     from .data import MIXTURE_SPECS
-    from .train import sample
+    from .sampling import sample
 
     model, x, data = result["model"], result["samples"], result["data"]
     real = data.x[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:len(x)]]
     paths = [folder / "eval_samples.png", folder / "eval_loss_per_level.png", folder / "eval_reverse.png"]
     if data.kind == "points":
-        plots.save_samples(x, paths[0], reference=real)
+        plots.save_samples(x, paths[0], reference=real, labels=result["labels"])
     else:
         plots.samples_vs_data(x[:100], real[:100], paths[0])
     plots.loss_per_noise_level_figure({"EMA model": model}, real[:256], paths[1])
@@ -124,7 +219,7 @@ def eval_figures(result: dict, folder: Path) -> list[Path]:
                                    log_density=mixture.log_prob if mixture is not None else None)
     elif data.kind == "images":
         snapshots = []
-        sample(model, 6, data.shape, torch.Generator().manual_seed(0), result["sampler"], result["nfe"],
+        sample(model, 6, result["sample_cfg"],
                callback=lambda s: snapshots.append((s["sigma"], s["x"].clone(), s["denoised"].clone())))
         plots.reverse_snapshots(snapshots, paths[2])
     else:
@@ -137,49 +232,86 @@ def cmd_compare(args) -> int:
 
     name = load_spec(args.spec)["name"]
     out = Path(args.out or f"runs/compare-{name}{'-quick' if args.quick else ''}")
-    r = run(args.spec, out, quick=args.quick, progress=not args.quiet)
+    r = run(args.spec, out, quick=args.quick, progress=not args.quiet, overrides=args.set)
     print((out / "results.md").read_text(), end="")
     print(f"done in {r['seconds']:.0f} s; results: {out / 'results.md'}, figures in {out}")
     return 0
 
 
+def add_train_arguments(p, out: str) -> None:
+    p.add_argument("config", nargs="?", help="TOML config file (see configs/); defaults if omitted")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=500 model.preset=vp")
+    p.add_argument("--preset", help="shortcut for model.preset (vp, ve, iddpm, edm, ddpm, rectified-flow)")
+    p.add_argument("--data", help="shortcut for data.spec (digits, moons, ring8, ..., a folder or .npy/.npz)")
+    p.add_argument("--steps", type=int, help="shortcut for train.steps")
+    p.add_argument("--out", default=out, help=f"run folder (default: {out})")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_sampling_arguments(p) -> None:
+    """The sampling flags of sample / edit / eval: each sets one key of the run's [sample] section."""
+    p.add_argument("--sampler", help="sampler name (default: the run's, else the preset's solver); see `info`")
+    p.add_argument("--nfe", type=int, help="network evaluations per sample (0: 35, or the DDPM chain)")
+    p.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    p.add_argument("--class", dest="classes", metavar="K", help="class-conditional runs: K, a comma list, or all")
+    p.add_argument("--guidance", type=float, metavar="W", help="guidance weight: CFG with --class, autoguidance with --guide-run (1: off)")
+    p.add_argument("--guidance-interval", metavar="SIGMA_LO,SIGMA_HI", help="guide only at these noise levels")
+    p.add_argument("--guidance-rescale", type=float, metavar="PHI", help="CFG rescale (Lin et al. 2024), 0..1")
+    p.add_argument("--guide-run", metavar="RUN2", help="autoguidance: a weaker model of the same data")
+    p.add_argument("--classifier", metavar="RUN", help="classifier guidance: a train-classifier run")
+    p.add_argument("--classifier-scale", type=float, metavar="S", help="classifier guidance scale (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="sample.KEY=VALUE",
+                   help="any [sample] key or sampler option, e.g. sample.eta=1 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .edit import MASKS
+
     p = _Parser(prog="diffspace", description="The design space of diffusion models.")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,eval,compare,info,demo}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{train,train-classifier,sample,edit,eval,compare,info,demo}", parser_class=_Parser)
     tr = sub.add_parser("train", help="train a model from a TOML config and section.key=value overrides")
-    tr.add_argument("config", nargs="?", help="TOML config file (see configs/); defaults if omitted")
-    tr.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=500 model.preset=vp")
-    tr.add_argument("--preset", help="shortcut for model.preset (vp, ve, iddpm, edm, ddpm, rectified-flow)")
-    tr.add_argument("--data", help="shortcut for data.spec (digits, moons, ring8, ..., a folder or .npy/.npz)")
-    tr.add_argument("--steps", type=int, help="shortcut for train.steps")
-    tr.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
-    tr.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its latest checkpoint")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_train_arguments(tr, "runs/train")
     tr.set_defaults(func=cmd_train)
-    sa = sub.add_parser("sample", help="sample from a run folder or checkpoint to a PNG grid and .npz")
+    tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier p(y | x~, sigma) for classifier guidance")
+    add_train_arguments(tc, "runs/classifier")
+    tc.set_defaults(func=lambda args: cmd_train(args, kind="classifier"))
+    sa = sub.add_parser("sample", help="sample from a run folder or checkpoint to a PNG grid and .npz (x, labels)")
     sa.add_argument("run", help="run folder or checkpoint (.json/.safetensors)")
-    sa.add_argument("--sampler", default="", help="sampler name (default: the preset's solver); see `info`")
-    sa.add_argument("--nfe", type=int, default=0, help="network evaluations (default: 35, or the DDPM chain)")
     sa.add_argument("--n", type=int, default=64, help="number of samples")
-    sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--out", help="PNG path (default: RUN/samples/sample.png)")
+    add_sampling_arguments(sa)
     sa.set_defaults(func=cmd_sample)
+    ed = sub.add_parser("edit", help="inpaint (--mask), SDEdit (--strength) or encode + decode (--invert) given inputs")
+    ed.add_argument("run", help="run folder or checkpoint")
+    ed.add_argument("--input", required=True, help="inputs: a .npz/.npy (key x), an image folder, or a data name (e.g. digits)")
+    ed.add_argument("--n", type=int, default=16, help="number of inputs (a random subset, by --seed)")
+    ed.add_argument("--mask", help=f"known region: {', '.join(MASKS)} (that half / the centre square) or MASK.npz (True = known)")
+    ed.add_argument("--invert-mask", action="store_true", help="swap known and unknown (e.g. --mask center --invert-mask fills the centre)")
+    ed.add_argument("--method", default="replace", choices=("replace", "repaint"), help="inpainting: replacement or RePaint")
+    ed.add_argument("--jump-length", type=int, default=10, help="RePaint: steps per segment (default 10)")
+    ed.add_argument("--jump-n-sample", type=int, default=10, help="RePaint: times each segment is sampled (default 10)")
+    ed.add_argument("--strength", type=float, help="SDEdit: noise the input to the level where the last strength x N steps begin")
+    ed.add_argument("--invert", action="store_true", help="encode by the probability-flow ODE and decode back; report the error")
+    ed.add_argument("--out", help="PNG path (default: RUN/samples/edit.png)")
+    add_sampling_arguments(ed)
+    ed.set_defaults(func=cmd_edit)
     ev = sub.add_parser("eval", help="measure a run's samples and likelihood, each next to its noise floor")
     ev.add_argument("run", help="run folder or checkpoint")
     ev.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
-    ev.add_argument("--sampler", default="", help="sampler name (default: the preset's solver)")
-    ev.add_argument("--nfe", type=int, default=0, help="network evaluations (default: 35, or the DDPM chain)")
-    ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--nll-samples", type=int, default=256, help="held-out samples for the likelihood (0: skip it)")
     ev.add_argument("--vlb-steps", default="0,100", help="chains for the VLB: 0 = full, K = respaced to K steps (default 0,100)")
     ev.add_argument("--pf-ode-steps", type=int, default=32, help="RK4 steps of the probability-flow ODE NLL (0: skip it)")
     ev.add_argument("--inception", help="local FID Inception weights (pt_inception-2015-12-05-6726825d.pth) for FID on images")
+    add_sampling_arguments(ev)
     ev.set_defaults(func=cmd_eval)
     cp = sub.add_parser("compare", help="train and measure a grid of runs from a spec (shipped: objectives, design-space)")
     cp.add_argument("spec", help="a shipped spec (objectives, design-space) or a TOML file like diffspace/specs/*.toml")
     cp.add_argument("--quick", action="store_true", help="the spec's [quick] sizes: a smoke run of the whole pipeline")
     cp.add_argument("--out", help="output folder (default: runs/compare-SPEC, runs/compare-SPEC-quick)")
     cp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="an override on top of every run, e.g. sample.guidance=2 (repeatable)")
     cp.set_defaults(func=cmd_compare)
     info = sub.add_parser("info", help="print the presets (Karras et al. 2022 Table 1 + DDPM + rectified flow), schedules, parameterizations")
     info.set_defaults(func=cmd_info)

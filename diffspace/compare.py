@@ -8,14 +8,16 @@ A spec is a TOML file (shipped ones: `diffspace/specs/*.toml`, named by their st
     [data.<spec>]                     # one table per dataset: its own overrides (data.spec is the key)
     [[run]]                           # one per run: label, optional sampler, and its overrides
     label = "L_simple"
-    sampler = ""                      # "" = the preset's own solver and time steps
+    sampler = ""                      # "" = the preset's own solver and time steps (= "sample.sampler")
+    measure = true                    # false: trained only, e.g. the weak guide of autoguidance
     "model.weighting" = "constant"
+    "sample.guide_run" = "@weak"      # "@label": the folder of an earlier run of the same dataset
     [eval]                            # nfe = [...] (0: the default), n, vlb_steps, vlb_samples, pf_ode_steps
     [quick]                           # --quick: overrides on top of all runs, and [quick.eval]
 
 Every dataset x run pair trains into OUT/<dataset>/<run> (an existing finished run with the same
 config is reused, a stopped one resumed: Ctrl-C never loses work; runs that differ only in their
-sampler share one training), then every NFE of the run's sampler is
+[sample] settings share one training), then every NFE of the run's sampler is
 measured by evaluate.sample_quality next to its noise floor, and the likelihood by
 evaluate.likelihood. OUT gets results.md (the tables), results.json, and the figures: quality vs
 NFE per dataset, the per-noise-level training loss of every run, and the loss weightings.
@@ -23,6 +25,7 @@ NFE per dataset, the per-noise-level training loss of every run, and the loss we
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -34,11 +37,14 @@ import torch
 from . import plots
 from .checkpoint import atomic_write_text, latest
 from .evaluate import likelihood, sample_quality
-from .samplers import sampler_nfe
-from .train import Config, default_sampling, load_config, load_data, load_model, sample, set_option, train
+from .config import Config, SampleConfig, apply_overrides, load_config, set_option
+from .model import load_model
+from .sampling import describe_guidance, plan, sample
+from .train import load_data, train
 
 EVAL_DEFAULTS = {"nfe": [0], "n": 1000, "seed": 0, "vlb_steps": [0], "vlb_samples": 100, "pf_ode_steps": 0}
-RUN_KEYS = ("label", "sampler")
+RUN_KEYS = ("label", "sampler", "measure")
+REFERENCES = ("sample.guide_run", "sample.classifier")  # may name an earlier run as "@label"
 
 
 def shipped_specs() -> dict[str, Path]:
@@ -74,22 +80,31 @@ def load_spec(name_or_path: str) -> dict:
         raise ValueError(f"spec {path}: unknown [eval] keys {sorted(bad)}; allowed: {', '.join(EVAL_DEFAULTS)}")
     spec["name"] = path.stem
     for data_name in spec["data"]:  # fail early, before any training
-        for run in spec["run"]:
+        for i, run in enumerate(spec["run"]):
             run_config(spec, data_name, run, quick=True)
+            for key in REFERENCES:
+                ref = str(run.get(key, ""))
+                if ref.startswith("@") and ref[1:] not in labels[:i]:
+                    raise ValueError(f"spec {path}: run {run['label']!r} has {key} = {ref!r}; "
+                                     f"'@label' must name an earlier run, one of {labels[:i]}")
     return spec
 
 
-def run_config(spec: dict, data_name: str, run: dict, quick: bool = False) -> Config:
-    """The config of one run: defaults < [base] < [data.<name>] < the run's overrides < [quick]."""
+def run_config(spec: dict, data_name: str, run: dict, quick: bool = False, overrides=()) -> Config:
+    """The config of one run: defaults < [base] < [data.<name>] < the run's overrides < [quick] <
+    `overrides` ("section.key=value" strings, e.g. from --set)."""
     cfg = Config()
     set_option(cfg, "data.spec", data_name)
-    layers = [spec.get("base", {}), spec["data"][data_name], {k: v for k, v in run.items() if k not in RUN_KEYS}]
+    own = {k: v for k, v in run.items() if k not in RUN_KEYS}
+    if run.get("sampler"):
+        own["sample.sampler"] = run["sampler"]
+    layers = [spec.get("base", {}), spec["data"][data_name], own]
     if quick:
         layers.append({k: v for k, v in spec.get("quick", {}).items() if k != "eval"})
     for layer in layers:
         for key, value in layer.items():
             set_option(cfg, key, value)
-    return cfg
+    return apply_overrides(cfg, overrides)
 
 
 def eval_options(spec: dict, quick: bool = False) -> dict:
@@ -114,7 +129,7 @@ def train_or_reuse(cfg: Config, folder: Path, progress: bool) -> float:
     return train(None, folder, resume=True, progress=progress)["seconds"]
 
 
-def run(spec_name: str, out: Path, quick: bool = False, progress: bool = True) -> dict:
+def run(spec_name: str, out: Path, quick: bool = False, progress: bool = True, overrides=()) -> dict:
     """Train and measure every dataset x run of a spec into `out`; returns the results (also in out)."""
     spec = load_spec(spec_name)
     options = eval_options(spec, quick)
@@ -123,15 +138,23 @@ def run(spec_name: str, out: Path, quick: bool = False, progress: bool = True) -
     results = {"spec": spec["name"], "title": spec.get("title", ""), "about": spec.get("about", ""),
                "quick": quick, "eval": options, "datasets": {}}
     for data_name in spec["data"]:
-        rows, models, trained = [], {}, {}  # trained: config -> folder, so runs that differ only in sampler share one
+        rows, models, trained, folders = [], {}, {}, {}  # trained: training config -> folder (shared by sampling variants)
         for r in spec["run"]:
-            cfg = run_config(spec, data_name, r, quick)
-            shared = cfg.to_toml() in trained
-            folder = trained.setdefault(cfg.to_toml(), out / slug(data_name) / slug(r["label"]))
-            seconds = None if shared else train_or_reuse(cfg, folder, progress)
-            model, cfg, info = load_model(folder)
+            cfg = run_config(spec, data_name, r, quick, overrides)
+            for key in REFERENCES:  # "@label" -> that run's folder
+                value = getattr(cfg.sample, key.split(".")[1])
+                if value.startswith("@"):
+                    set_option(cfg, key, str(folders[value[1:]]))
+            train_cfg = training_config(cfg)
+            key = train_cfg.to_toml()
+            shared = key in trained
+            folder = folders[r["label"]] = trained.setdefault(key, out / slug(data_name) / slug(r["label"]))
+            seconds = None if shared else train_or_reuse(train_cfg, folder, progress)
+            if not r.get("measure", True):
+                continue
+            model, _, info = load_model(folder)
             models[r["label"]] = model
-            row, data = measure_run(model, cfg, info, r, options, seconds)
+            row, data = measure_run(model, cfg, r, options, seconds)
             rows.append(row)
             print(f"compare {spec['name']}: {data_name} / {r['label']} measured", flush=True)
         results["datasets"][data_name] = rows
@@ -143,25 +166,31 @@ def run(spec_name: str, out: Path, quick: bool = False, progress: bool = True) -
     return results
 
 
-def measure_run(model, cfg: Config, info: dict, run_spec: dict, options: dict, train_seconds: float | None):
-    """(row, data): every NFE of one run, sample_quality of n samples (fixed seed), then the likelihood.
-    quality is keyed by the NFE asked for (0: the sampler's default); nfe_used is what the sampler
-    spent, the largest count that fits (Heun's 2n - 1 cannot hit an even NFE)."""
+def training_config(cfg: Config) -> Config:
+    """The config a run trains with: its [sample] settings reduced to the NFE of the training sample
+    grids, so runs that differ only in how they sample share one training."""
+    return dataclasses.replace(cfg, sample=SampleConfig(nfe=cfg.sample.nfe))
+
+
+def measure_run(model, cfg: Config, run_spec: dict, options: dict, train_seconds: float | None):
+    """(row, data): every NFE of one run, sample_quality of n samples (fixed seed; class_quality too for
+    labelled samples), then the likelihood. quality is keyed by the NFE asked for (0: the sampler's
+    default); nfe_used is what the sampler spent, the largest count that fits (Heun's 2n - 1 cannot
+    hit an even NFE)."""
     data, _, test = load_data(cfg)
-    shape = tuple(info["shape"])
     quality = {}
     for nfe in options["nfe"]:
-        name, sigmas, sampler_options = default_sampling(model.preset, run_spec.get("sampler", ""), nfe)
-        used = sampler_nfe(name, len(sigmas) - 1, **sampler_options)
-        x = sample(model, options["n"], shape, torch.Generator().manual_seed(options["seed"]), name, nfe)
-        quality[nfe] = {"sampler": name, "nfe_used": used, "rows": sample_quality(x, data, seed=options["seed"])}
+        sample_cfg = dataclasses.replace(cfg.sample, nfe=nfe, seed=options["seed"])
+        s = sample(model, options["n"], sample_cfg)
+        quality[nfe] = {"sampler": s.plan.sampler, "nfe_used": s.plan.nfe, "guided_calls": s.guided,
+                        "rows": sample_quality(s.x, data, labels=s.labels, seed=options["seed"])}
     lik = []
     if options["vlb_samples"]:
         lik = likelihood(model, test.x[:options["vlb_samples"]], data.levels, vlb_steps=tuple(options["vlb_steps"]),
                          pf_ode_steps=options["pf_ode_steps"], seed=options["seed"])
     row = {"label": run_spec["label"], "preset": cfg.model.preset, "parameterization": cfg.model.parameterization,
            "weighting": model.weighting, "objective": cfg.model.objective, "noise": cfg.model.noise, "steps": cfg.train.steps,
-           "train_seconds": train_seconds, "quality": quality, "likelihood": lik}
+           "guidance": describe_guidance(cfg.sample), "train_seconds": train_seconds, "quality": quality, "likelihood": lik}
     return row, data
 
 
@@ -228,7 +257,7 @@ def markdown(results: dict) -> str:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             q = {int(k): v for k, v in r["quality"].items()}
-            sampler = next(iter(q.values()))["sampler"]
+            sampler = next(iter(q.values()))["sampler"] + (f"; {r['guidance']}" if r.get("guidance") else "")
             objective = {"hybrid": "hybrid (learned Sigma)", "vlb": "true bound (Sigma = beta)"}.get(
                 r["objective"], f"weighting {r['weighting']}") + (f", noise {r['noise']}" if r["noise"] else "")
             cells = [r["label"], r["preset"], r["parameterization"], objective, sampler, train_cell(r["train_seconds"])]

@@ -7,7 +7,7 @@ Everything becomes one `Dataset`: a float32 tensor `x` of shape (N, d) (points) 
   drawn from a `torch.Generator` seeded with `seed`);
 - an analytic mixture: 'ring8', 'image64' ((N, 64) points) and 'checkerboard-gm' (the mixture
   `analytic.MIXTURES["checkerboard"]`, renamed because 'checkerboard' is the uniform board here;
-  every mixture is also reachable as '<name>-gm');
+  every mixture is also reachable as '<name>-gm'); its labels are the mixture components;
 - 'digits': scikit-learn's bundled 8x8 digits (no download), x / 8 - 1 in [-1, 1], labels 0..9;
 - a folder of PNG/JPEG images (labels from sub-folder names), or a .npy / .npz array file.
 
@@ -200,9 +200,11 @@ def load(spec: str | os.PathLike, *, n: int | None = None, size: int | None = No
         g = torch.Generator().manual_seed(seed)
         if name in GENERATORS:
             x, labels = GENERATORS[name](n or DEFAULT_N, g)
-        else:
-            x, labels = MIXTURES[MIXTURE_SPECS[name]]().sample(n or DEFAULT_N, g), None
-        return Dataset(x.float(), labels, 0 if labels is None else int(labels.max()) + 1, name, "points")
+            classes = 0 if labels is None else int(labels.max()) + 1
+        else:  # a mixture's labels are its components
+            mixture = MIXTURES[MIXTURE_SPECS[name]]()
+            (x, labels), classes = mixture.sample(n or DEFAULT_N, g, return_labels=True), mixture.K
+        return Dataset(x.float(), labels, classes, name, "points")
     if name == "digits":
         from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 

@@ -180,7 +180,7 @@ def real_sets(data, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return data.x[perm[:half]], data.x[perm[half:2 * half]]
 
 
-def sample_quality(x: Tensor, data, *, seed: int = 0, inception: str | None = None,
+def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int = 0, inception: str | None = None,
                    feature_net=None) -> list[Row]:
     """Measures of samples x against the real data, each next to its noise floor, the same measure
     between two independent real sets of the same size (real_sets: a, b): model = m(x, a), floor =
@@ -192,14 +192,15 @@ def sample_quality(x: Tensor, data, *, seed: int = 0, inception: str | None = No
     * digits: in the digits feature net (features.digits_metrics): FD_digits, precision, recall,
       classifier score, the confident share and the smallest class share;
     * images with `inception` (a local FID Inception weights file): FD_inception (the FID with
-      pytorch-fid's file), precision and recall in its features."""
+      pytorch-fid's file), precision and recall in its features;
+    * with the requested `labels` of conditional samples: `class_quality`."""
     from .analytic import MIXTURES
     from .data import MIXTURE_SPECS
 
     a, b = real_sets(data, len(x), seed)
     if len(x) < len(a):
         raise ValueError(f"{len(x)} samples are too few: the floor uses real sets of {len(a)}; draw at least that many")
-    x = x[:len(a)].detach().cpu().float()
+    x_all, x = x, x[:len(a)].detach().cpu().float()
     rows: list[Row] = [("sliced W2", sliced_wasserstein(x, a), sliced_wasserstein(b, a))]
     if data.kind == "points":
         rows.append(("energy distance", energy_distance(x, a), energy_distance(b, a)))
@@ -222,6 +223,64 @@ def sample_quality(x: Tensor, data, *, seed: int = 0, inception: str | None = No
         m, f = inception_metrics(x, a, inception), inception_metrics(b, a, inception)
         rows += [("FD_inception (FID)", m["FD_inception"], f["FD_inception"]), ("precision, Inception (higher)",
                  m["precision"], f["precision"]), ("recall, Inception (higher)", m["recall"], f["recall"])]
+    if labels is not None:
+        rows += class_quality(x_all, labels, data, seed=seed, feature_net=feature_net)
+    return rows
+
+
+def judge(data, feature_net=None):
+    """The label judge of a labelled data set, x -> predicted class: the digits feature net, or the exact
+    posterior argmax_k p(k | x) of an analytic mixture (labels = components); None for other data."""
+    from .analytic import MIXTURES
+    from .data import MIXTURE_SPECS
+
+    if data.name == "digits":
+        from .features import digits_feature_net
+
+        net = feature_net if feature_net is not None else digits_feature_net()
+        return lambda x: net.probabilities(x).argmax(1)
+    if data.name in MIXTURE_SPECS:
+        mixture = MIXTURES[MIXTURE_SPECS[data.name]]()
+        return lambda x: mixture.log_posterior(x.double()).argmax(1)
+    return None
+
+
+def class_quality(x: Tensor, labels: Tensor, data, *, seed: int = 0, feature_net=None) -> list[Row]:
+    """Measures of class-conditional samples x drawn for `labels`, beside their floors:
+
+    * label agreement: the share of samples the judge (`judge`) puts in the requested class; floor:
+      the judge's agreement with the true labels of the real data;
+    * per class, the headline distance (FD in the digits features, else sliced W2) between the samples
+      of class c and one half of the real class-c data, averaged over the classes asked for; floor:
+      the same between the two halves (the samples cut to the half's size, as in sample_quality)."""
+    x, labels = x.detach().cpu().float(), labels.cpu()
+    rows: list[Row] = []
+    predict = judge(data, feature_net)
+    if predict is not None:
+        rows.append(("label agreement (higher)", float((predict(x).cpu() == labels).double().mean()),
+                     float((predict(data.x).cpu() == data.labels).double().mean())))
+    if data.labels is None:
+        return rows
+    if data.name == "digits":
+        from .features import digits_feature_net, frechet_distance_of
+
+        net = feature_net if feature_net is not None else digits_feature_net()
+        distance, name = lambda u, v: frechet_distance_of(net.features(u), net.features(v)), "FD per class (digits features)"
+    else:
+        distance, name = sliced_wasserstein, "sliced W2 per class"
+    g = torch.Generator().manual_seed(seed)
+    model, floor = [], []
+    for c in torch.unique(labels).tolist():
+        real = data.x[data.labels == c]
+        real = real[torch.randperm(len(real), generator=g)]
+        half = min(len(real) // 2, int((labels == c).sum()))
+        if half < 2:
+            continue
+        a, b = real[:half], real[half:2 * half]
+        model.append(distance(x[labels == c][:half], a))
+        floor.append(distance(b, a))
+    if model:
+        rows.append((f"{name}, mean over {len(model)} classes", sum(model) / len(model), sum(floor) / len(floor)))
     return rows
 
 
@@ -271,28 +330,31 @@ def _mean_and_standard_error(name: str, per_sample: Tensor) -> list[Row]:
 
 
 # -- a run, end to end: `diffspace eval RUN` -------------------------------------------------------------
-def evaluate_run(run: str, n: int = 2000, sampler: str = "", nfe: int = 0, seed: int = 0, nll_samples: int = 256,
-                 pf_ode_steps: int = 32, vlb_steps=(0,), inception: str | None = None) -> dict:
-    """Sample n from a run's EMA model and measure them (sample_quality, each figure beside its noise
-    floor), then the likelihood of nll_samples held-out samples (likelihood: the VLB on the chains
-    `vlb_steps`, the probability-flow ODE with pf_ode_steps; 0 / () skips them)."""
-    from .train import load_data, load_model, sample
+def evaluate_run(run: str, n: int = 2000, sample_cfg=None, nll_samples: int = 256, pf_ode_steps: int = 32,
+                 vlb_steps=(0,), inception: str | None = None) -> dict:
+    """Sample n from a run's EMA model as sample_cfg says (default: the run's own [sample] section)
+    and measure them (sample_quality, each figure beside its noise floor; with class labels also
+    class_quality), then the likelihood of nll_samples held-out samples (likelihood: the VLB on the
+    chains `vlb_steps`, the probability-flow ODE with pf_ode_steps; 0 / () skips them)."""
+    from .model import load_model
+    from .sampling import sample
+    from .train import load_data
 
     model, cfg, info = load_model(run)
+    sample_cfg = sample_cfg or cfg.sample
     data, _, test = load_data(cfg)
-    x = sample(model, n, tuple(info["shape"]), torch.Generator().manual_seed(seed), sampler, nfe)
-    rows = sample_quality(x, data, seed=seed, inception=inception)
+    s = sample(model, n, sample_cfg)
+    rows = sample_quality(s.x, data, labels=s.labels, seed=sample_cfg.seed, inception=inception)
     if nll_samples:
         rows += likelihood(model, test.x[:nll_samples], data.levels, vlb_steps=vlb_steps,
-                           pf_ode_steps=pf_ode_steps, seed=seed)
-    return {"run": str(run), "spec": cfg.data.spec, "n": n, "sampler": sampler or model.preset.solver, "nfe": nfe,
-            "rows": rows, "model": model, "samples": x, "data": data}
+                           pf_ode_steps=pf_ode_steps, seed=sample_cfg.seed)
+    return {"run": str(run), "spec": cfg.data.spec, "n": n, "sampling": s.describe(), "sample_cfg": sample_cfg,
+            "rows": rows, "model": model, "samples": s.x, "labels": s.labels, "data": data}
 
 
 def markdown(result: dict) -> str:
     """The result of evaluate_run as a Markdown table (measure | value | noise floor)."""
-    lines = [f"Evaluation of `{result['run']}` ({result['spec']}, n = {result['n']}, sampler "
-             f"`{result['sampler']}`, NFE {result['nfe'] or 'default'})", "",
+    lines = [f"Evaluation of `{result['run']}` ({result['spec']}, n = {result['n']}, {result['sampling']})", "",
              "| measure | model | noise floor (real vs real) |", "| --- | ---: | ---: |"]
     for name, value, floor in result["rows"]:
         lines.append(f"| {name} | {value:.4g} | {'-' if floor is None else f'{floor:.4g}'} |")

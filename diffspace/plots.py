@@ -92,20 +92,23 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, pad: int = 1, scale: in
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
 
 
-def save_samples(x: torch.Tensor, path: Path, reference: torch.Tensor | None = None) -> Path:
-    """Samples as a PNG: an image grid for (N, C, H, W), a scatter plot for (N, 2) points
-    (next to `reference` points if given)."""
+def save_samples(x: torch.Tensor, path: Path, reference: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> Path:
+    """Samples as a PNG: an image grid for (N, C, H, W) (one row per class for sorted `labels` in
+    equal shares), a scatter plot for (N, 2) points coloured by label (next to `reference` points)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if x.ndim == 4:
-        image_grid(x, scale=max(1, 64 // x.shape[-1])).save(path)
+        nrow = len(x) // len(torch.unique(labels)) if labels is not None else None
+        image_grid(x, nrow=nrow, scale=max(1, 64 // x.shape[-1])).save(path)
         return path
     plt = _pyplot()
     sets = [("samples", x)] + ([("data", reference)] if reference is not None else [])
     fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 4), squeeze=False)
     for ax, (title, pts) in zip(axes[0], sets):
         pts = pts.detach().cpu().reshape(len(pts), -1)
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5)
+        colour = labels.cpu().numpy() if labels is not None and title == "samples" else None
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, c=colour, cmap="tab10" if colour is not None else None)
         ax.set(title=title, aspect="equal")
     lims = [min(a.get_xlim()[0] for a in axes[0]), max(a.get_xlim()[1] for a in axes[0])]
     for ax in axes[0]:

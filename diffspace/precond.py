@@ -28,7 +28,7 @@ from .schedules import VPSDE, Schedule, VPSchedule, check_sigma, iddpm_sigmas
 Tensor = torch.Tensor
 
 
-def _per_sample(sigma, x: Tensor) -> Tensor:
+def per_sample(sigma, x: Tensor) -> Tensor:
     """sigma checked and made a (B,) tensor in x's dtype and device (a scalar is repeated)."""
     sigma = check_sigma(torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
     if sigma.ndim == 0:
@@ -161,7 +161,7 @@ class Denoiser(torch.nn.Module):
 
     def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
         """Extra arguments (e.g. class labels) are passed on to F."""
-        c_skip, c_out, c_in, c_noise = self.precond(_per_sample(sigma, x))
+        c_skip, c_out, c_in, c_noise = self.precond(per_sample(sigma, x))
         F = self.F(broadcast(c_in, x) * x, c_noise, *args, **kwargs)
         return broadcast(c_skip, x) * x + broadcast(c_out, x) * F
 
@@ -185,7 +185,7 @@ class ParameterizedDenoiser(torch.nn.Module):
 
     def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
         """Extra arguments (e.g. class labels) are passed on to the net."""
-        t = self.schedule.t_from_sigma_tilde(_per_sample(sigma, x))
+        t = self.schedule.t_from_sigma_tilde(per_sample(sigma, x))
         z = broadcast(self.schedule.alpha(t), x) * x
         return to_x0(self.predict(z, t, *args, **kwargs), self.parameterization, z, t, self.schedule)
 
@@ -215,5 +215,5 @@ class ConditionedInput(torch.nn.Module):
     def forward(self, z: Tensor, t: Tensor, *args, **kwargs) -> Tensor:
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
-        _, _, c_in, c_noise = self.precond(_per_sample(sigma / alpha, z))
+        _, _, c_in, c_noise = self.precond(per_sample(sigma / alpha, z))
         return self.F(broadcast(c_in / alpha, z) * z, c_noise, *args, **kwargs)

@@ -10,7 +10,7 @@ schedules and precond. `presets_table()` prints them side by side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
@@ -35,6 +35,8 @@ class Preset:
     weighting_space      the loss space the weighting multiplies: 'x0' is Table 1's lambda(sigma)
                          on (D - x)^2, 'eps' DDPM's L_simple, 'flow' the flow-matching loss
     text                 the remaining rows as formulas (time steps, schedule, scaling, noise, weighting)
+    solver_options       options the column gives a sampler, by sampler name: Table 1's VP and VE
+                         columns integrate the ODE in their own time t (euler / heun `schedule=`)
     """
 
     name: str
@@ -53,6 +55,7 @@ class Preset:
     weighting_params: tuple[str, ...]
     weighting_space: str
     text: Mapping[str, str]
+    solver_options: Mapping[str, Mapping] = field(default_factory=lambda: MappingProxyType({}))
 
     def __deepcopy__(self, memo) -> "Preset":
         return self  # immutable: a model copied for its EMA shares its preset
@@ -75,6 +78,10 @@ class Preset:
         """Parameters of the loss weighting, e.g. losses.weighting(p.weighting, t, schedule, **p.weighting_kwargs)."""
         return self._pick(self.weighting_params)
 
+    def sampler_options(self, sampler: str) -> dict:
+        """The options this preset gives `sampler` (e.g. its time variable), {} for most."""
+        return dict(self.solver_options.get(sampler, {}))
+
     def denoiser(self, F) -> Denoiser:
         """D(x~, sigma) = c_skip x~ + c_out F(c_in x~, c_noise) with this preset's preconditioner."""
         return Denoiser(F, self.precond)
@@ -96,15 +103,22 @@ def _vp() -> Preset:
             "noise": "sigma^-1(sigma) ~ U(eps_t, 1)",
             "weighting": "1/sigma^2",
         }),
+        solver_options=_own_time(vpsde),
     )
+
+
+def _own_time(schedule: S.Schedule) -> Mapping[str, Mapping]:
+    """Euler and Heun in the column's own time t (Karras et al. 2022, Table 1's VP and VE rows)."""
+    return MappingProxyType({name: MappingProxyType({"schedule": schedule}) for name in ("euler", "heun")})
 
 
 def _ve() -> Preset:
     p = dict(sigma_min=0.02, sigma_max=100.0)
+    sqrt_ve = S.SqrtVE()
     return Preset(
         "ve", "Song et al. 2021 (VE SDE); Karras et al. 2022, Table 1", MappingProxyType(p),
         solver="euler", time_steps="ve", time_step_params=("sigma_min", "sigma_max"),
-        schedule=S.SqrtVE(), training_schedule=S.VE(p["sigma_min"], p["sigma_max"]), precond=VEPrecond(),
+        schedule=sqrt_ve, training_schedule=S.VE(p["sigma_min"], p["sigma_max"]), precond=VEPrecond(),
         architecture="NCSN++",
         noise="ve", noise_params=("sigma_min", "sigma_max"),
         weighting="inverse-sigma2", weighting_params=(), weighting_space="x0",
@@ -115,6 +129,7 @@ def _ve() -> Preset:
             "noise": "ln(sigma) ~ U(ln(sigma_min), ln(sigma_max))",
             "weighting": "1/sigma^2",
         }),
+        solver_options=_own_time(sqrt_ve),
     )
 
 

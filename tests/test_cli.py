@@ -44,7 +44,7 @@ def test_demo_smoke_writes_every_figure_and_the_report(tmp_path):
 def test_train_sample_resume_through_the_entry_point(tmp_path):
     out = tmp_path / "run"
     r = run("train", "--data", "moons", "--steps", "20", "--out", str(out), "--quiet", "model.hidden=32",
-            "model.depth=2", "data.n=500", "log.checkpoint_every=10", "log.nfe=4")
+            "model.depth=2", "data.n=500", "log.checkpoint_every=10", "sample.nfe=4")
     assert r.returncode == 0, r.stderr
     assert "step 20" in r.stdout
     for name in ("config.toml", "metrics.csv", "report.md", "loss.png", "samples/final.png"):
@@ -95,7 +95,7 @@ def test_bad_arguments_exit_2_with_one_line():
 def test_eval_through_the_entry_point_writes_the_table_and_figures(tmp_path):
     out = tmp_path / "run"
     r = run("train", "--data", "ring8", "--steps", "20", "--out", str(out), "--quiet", "model.hidden=32",
-            "model.depth=2", "data.n=600", "log.nfe=4")
+            "model.depth=2", "data.n=600", "sample.nfe=4")
     assert r.returncode == 0, r.stderr
     r = run("eval", str(out), "--n", "300", "--nfe", "6", "--nll-samples", "8", "--vlb-steps", "0,20", "--pf-ode-steps", "4")
     assert r.returncode == 0, r.stderr

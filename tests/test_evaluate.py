@@ -108,12 +108,13 @@ def test_energy_distance_of_shifted_gaussians_in_1d():
 
 
 def _tiny_run(tmp_path, spec, **extra):
-    from diffspace.train import Config, set_option, train
+    from diffspace.config import Config, set_option
+    from diffspace.train import train
 
     cfg = Config()
     options = {"data.spec": spec, "model.hidden": 32, "model.depth": 2, "model.base_channels": 8,
                "model.channel_mult": [1], "model.num_blocks": 1, "train.steps": 20, "train.batch_size": 32,
-               "log.checkpoint_every": 20, "log.n_samples": 4, "log.nfe": 3, **extra}
+               "log.checkpoint_every": 20, "log.n_samples": 4, "sample.nfe": 3, **extra}
     for key, value in options.items():
         set_option(cfg, key, value)
     train(cfg, tmp_path / spec, progress=False)
@@ -126,10 +127,11 @@ def _tiny_run(tmp_path, spec, **extra):
     ("digits", ["FD (digits features)", "precision", "recall", "classifier score", "confident share", "bits/dim"]),
 ])
 def test_evaluate_run_reports_every_measure_with_its_floor(tmp_path, spec, names):
+    from diffspace.config import SampleConfig
     from diffspace.evaluate import evaluate_run, markdown
 
     run = _tiny_run(tmp_path, spec, **({"data.n": 1000} if spec != "digits" else {}))
-    result = evaluate_run(str(run), n=200, nfe=5, nll_samples=8, pf_ode_steps=6, vlb_steps=(0, 10))
+    result = evaluate_run(str(run), n=200, sample_cfg=SampleConfig(nfe=5), nll_samples=8, pf_ode_steps=6, vlb_steps=(0, 10))
     table = markdown(result)
     for name in names:
         assert name in table

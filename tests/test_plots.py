@@ -15,7 +15,7 @@ from diffspace.analytic import ring8
 from diffspace.nn import MLP
 from diffspace.presets import PRESETS, get_preset
 from diffspace.samplers import SAMPLERS, get_sigmas
-from diffspace.train import Diffusion
+from diffspace.model import Diffusion
 
 F64 = torch.float64
 

@@ -10,15 +10,17 @@ import torch
 from diffspace import checkpoint as ckpt
 from diffspace.analytic import ring8
 from diffspace.evaluate import noise_floor, sliced_wasserstein
-from diffspace.train import (Config, Diffusion, ema_decay, learning_rate, load_config, load_model, power_ema_gamma,
-                             sample, set_option, train)
+from diffspace.config import Config, SampleConfig, load_config, set_option
+from diffspace.model import Diffusion, load_model
+from diffspace.sampling import sample
+from diffspace.train import ema_decay, learning_rate, power_ema_gamma, train
 
 
 def _config(**options) -> Config:
     cfg = Config()
     base = {"data.spec": "ring8", "data.n": 2000, "model.hidden": 32, "model.depth": 2, "train.steps": 12,
             "train.batch_size": 64, "train.warmup": 3, "log.checkpoint_every": 4, "log.every": 2, "log.keep": 10,
-            "log.n_samples": 16, "log.nfe": 5}
+            "log.n_samples": 16, "sample.nfe": 5}
     for key, value in {**base, **options}.items():
         set_option(cfg, key, value)
     return cfg
@@ -34,11 +36,11 @@ def test_short_training_on_the_ring_reaches_twice_the_noise_floor(tmp_path):
     """Issue 4: a short CPU training on a 2-D mixture gets within 2x the sliced-W2 noise floor."""
     cfg = _config(**{"model.hidden": 128, "model.depth": 3, "data.n": 10_000, "train.steps": 1000,
                      "train.batch_size": 256, "train.lr": 2e-3, "train.warmup": 100,
-                     "log.checkpoint_every": 1000, "log.every": 100, "log.nfe": 0})
+                     "log.checkpoint_every": 1000, "log.every": 100, "sample.nfe": 0})
     t0 = time.time()
     summary = train(cfg, tmp_path / "ring", progress=False)
     n = 2000
-    x = sample(summary["ema"], n, (2,), torch.Generator().manual_seed(5), "heun", 35)
+    x = sample(summary["ema"], n, SampleConfig(sampler="heun", nfe=35, seed=5)).x
     mixture = ring8()
     sw2 = sliced_wasserstein(x, mixture.sample(n, torch.Generator().manual_seed(6)))
     floor = noise_floor(mixture.sample, n)
@@ -139,9 +141,8 @@ def test_checkpoint_round_trip_and_sample_from_it(tmp_path):
     assert info["shape"] == [2] and cfg.to_dict() == summary["config"].to_dict()
     for (k, v), (k2, v2) in zip(summary["ema"].state_dict().items(), model.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    a = sample(model, 32, (2,), g1, "euler", 6)
-    b = sample(summary["ema"], 32, (2,), g2, "euler", 6)
+    a = sample(model, 32, SampleConfig(sampler="euler", nfe=6, seed=3)).x
+    b = sample(summary["ema"], 32, SampleConfig(sampler="euler", nfe=6, seed=3)).x
     assert torch.equal(a, b) and torch.isfinite(a).all()
     same_from_file = load_model(ckpt.latest(run / "checkpoints").with_suffix(".safetensors"))[0]
     assert all(torch.equal(v, w) for v, w in zip(model.state_dict().values(), same_from_file.state_dict().values()))
@@ -349,11 +350,11 @@ def test_hybrid_needs_a_chain_and_samples_with_its_variance(tmp_path):
     with pytest.raises(ValueError, match="objective='nope'"):
         Diffusion(MLP(2), get_preset("ddpm"), objective="nope")
     cfg = _config(**{"model.preset": "ddpm", "model.parameterization": "eps", "model.objective": "hybrid",
-                     "train.steps": 4, "log.nfe": 4})
+                     "train.steps": 4, "sample.nfe": 4})
     summary = train(cfg, tmp_path / "hybrid", progress=False)
     model, _, _ = load_model(tmp_path / "hybrid")
     assert model.learned_variance and torch.equal(model(torch.ones(3, 2), torch.ones(3)), summary["ema"](torch.ones(3, 2), torch.ones(3)))
-    x = sample(model, 16, (2,), torch.Generator().manual_seed(0), "ddpm", 10)
+    x = sample(model, 16, SampleConfig(sampler="ddpm", nfe=10, seed=0)).x
     assert x.shape == (16, 2) and torch.isfinite(x).all()
 
 
@@ -409,7 +410,7 @@ CONFIGS = sorted((__import__("pathlib").Path(__file__).parent.parent / "configs"
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_shipped_configs_train(tmp_path, path):
-    cfg = load_config(path, ["train.steps=3", "log.n_samples=4", "log.nfe=3", "train.warmup=1"])
+    cfg = load_config(path, ["train.steps=3", "log.n_samples=4", "sample.nfe=3", "train.warmup=1"])
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["steps"] == 3 and (tmp_path / "run" / "samples" / "final.png").is_file()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .classifier import EncoderClassifier
 from .embeddings import Conditioning, FourierEmbedding, SinusoidalEmbedding, make_embedding
 from .mlp import MLP
 from .unet import UNet, group_count
@@ -16,7 +17,7 @@ from .unet import UNet, group_count
 Tensor = torch.Tensor
 
 __all__ = ["SinusoidalEmbedding", "FourierEmbedding", "Conditioning", "make_embedding", "MLP", "UNet",
-           "group_count", "Energy", "count_parameters", "describe"]
+           "group_count", "EncoderClassifier", "Energy", "count_parameters", "describe"]
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -1,0 +1,223 @@
+"""Every knob of a run, in one place: `Config` = [data] + [model] + [train] + [log] + [sample].
+
+A run folder's config.toml is `Config.to_toml()`; `load_config(path, overrides)` reads a TOML file
+plus `section.key=value` overrides (strings from the command line are parsed to the field's type).
+The [sample] section is the run's default way of sampling (sampler, NFE, sampler options, class
+labels, guidance); `diffspace sample | eval | compare` take `--set sample.KEY=VALUE` on top of it.
+Any [sample] key that is not a field below is a sampler option (e.g. `sample.eta=1.0` for DDIM,
+`sample.S_churn=40` for the EDM SDE), checked against the sampler when sampling is planned.
+
+This module imports nothing of diffspace: the model, sampling and training read their sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class DataConfig:
+    spec: str = "digits"  # a name (digits, moons, ring8, ...), an image folder, or a .npy/.npz file
+    size: int = 0  # images: resize + centre-crop to size x size (0: keep)
+    channels: int = 0  # images: 1 or 3 (0: automatic)
+    n: int = 0  # 2-D generators: number of points (0: default)
+    test_fraction: float = 0.1
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "diffusion"  # "diffusion" (a denoiser) or "classifier" (p(y | x~, sigma), for classifier guidance)
+    preset: str = "edm"
+    parameterization: str = "precond"  # "precond" (Table 1 as is) or one of PARAMETERIZATIONS
+    weighting: str = ""  # "" = the preset's; else a name in losses.WEIGHTINGS (stated in `weighting_space`)
+    weighting_space: str = ""  # "" = the preset's (or the weighting's own space)
+    noise: str = ""  # "" = the preset's noise distribution; else a name in losses.NOISE_DISTRIBUTIONS ("importance": iDDPM's)
+    objective: str = "weighted"  # "weighted" (the weighting above), "vlb" (the true bound) or "hybrid" (+ L_vlb, learned Sigma)
+    hybrid_lambda: float = 0.001  # iDDPM's lambda on L_vlb in the hybrid objective
+    class_conditional: bool = False
+    label_dropout: float = 0.1  # classifier-free guidance: probability of training with the null label
+    # network: a U-Net for images, an MLP for points
+    base_channels: int = 64
+    channel_mult: list = field(default_factory=lambda: [1, 2])
+    num_blocks: int = 2
+    attention: list = field(default_factory=list)  # resolutions with self-attention
+    dropout: float = 0.0
+    hidden: int = 256  # MLP
+    depth: int = 4  # MLP
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    lr_min_ratio: float = 1.0  # cosine decay to lr * ratio after warm-up (1.0 = constant)
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm (0: off)
+    ema: str = "power"  # "power" (Karras et al. 2024, sigma_rel) or "fixed" (decay)
+    ema_decay: float = 0.999
+    ema_sigma_rel: float = 0.10
+    bf16: bool = False  # bfloat16 autocast for the network's forward pass
+    compile: bool = False  # torch.compile the network
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # metrics.csv row every k steps
+    sample_every: int = 0  # sample grid every k steps (0: only at the end), drawn as [sample] says
+    checkpoint_every: int = 500
+    keep: int = 3
+    n_samples: int = 64
+
+
+@dataclass
+class SampleConfig:
+    """How to sample (sampling.plan resolves it against a model's preset, once)."""
+
+    sampler: str = ""  # "" = the preset's solver (a name in samplers.SAMPLERS)
+    nfe: int = 0  # network evaluations per sample; 0 = 35 for ODE solvers, the full chain for DDPM
+    classes: str = ""  # class-conditional runs: "" = unconditional (null label), "3", "1,7", or "all" (equal shares)
+    guidance: float = 1.0  # W: D_w = D_g + W (D - D_g); 1 = no guidance, 0 = the guide alone
+    guidance_interval: list = field(default_factory=list)  # [sigma_lo, sigma_hi]: guide only there (Kynkaanniemi et al. 2024)
+    guidance_rescale: float = 0.0  # phi of CFG rescale (Lin et al. 2024); 0 = off
+    guide_run: str = ""  # autoguidance: a weaker model's run folder as the guide (Karras et al. 2024)
+    classifier: str = ""  # classifier guidance: a `train-classifier` run folder (Dhariwal & Nichol 2021)
+    classifier_scale: float = 1.0  # S: D + S sigma^2 grad log p(y | x~, sigma)
+    seed: int = 0
+    options: dict = field(default_factory=dict)  # sampler options: every other [sample] key
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        for section, values in d.items():
+            if section not in cls.__dataclass_fields__:
+                raise ValueError(f"unknown config section [{section}]; allowed: {', '.join(cls.__dataclass_fields__)}")
+            for key, value in values.items():
+                if section == "sample" and key == "options":  # to_dict's nesting of the sampler options
+                    for option, v in value.items():
+                        set_option(cfg, f"sample.{option}", v)
+                else:
+                    set_option(cfg, f"{section}.{key}", value)
+        return cfg
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            options = values.pop("options", {}) if section == "sample" else {}
+            lines += [f"{k} = {_toml_value(v)}" for k, v in {**values, **options}.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def set_option(cfg: Config, key: str, value) -> None:
+    """Set `section.name` to value (strings from the command line are parsed to the field's type).
+    In [sample], a name that is not a field is a sampler option, its value parsed as a literal."""
+    section, _, name = key.partition(".")
+    sub = getattr(cfg, section, None) if section in Config.__dataclass_fields__ else None
+    if section == "sample" and name and name not in SampleConfig.__dataclass_fields__:
+        cfg.sample.options[name] = _literal(value)
+        return
+    if sub is None or name not in type(sub).__dataclass_fields__ or (section, name) == ("sample", "options"):
+        allowed = [f"{s}.{f}" for s in Config.__dataclass_fields__ for f in type(getattr(cfg, s)).__dataclass_fields__]
+        raise ValueError(f"unknown option {key!r}; allowed: {', '.join(allowed)} (and sample.<sampler option>)")
+    current = getattr(sub, name)
+    setattr(sub, name, _parse_like(value, current, key))
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _literal(value):
+    """A sampler option's value: TOML values as they are; command-line text as bool, int, float or string."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return _number(text)
+    except ValueError:
+        return text
+
+
+def _parse_like(value, current, key):
+    """value (from TOML, or a string from the command line) checked against the type of `current`."""
+    kind = type(current)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                value = text.lower() == "true"
+            elif kind is list:
+                value = [_number(v.strip()) for v in text.strip("[]").split(",") if v.strip()]
+            else:
+                value = kind(text)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is not a valid {kind.__name__}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r} must be of type {kind.__name__}")
+    return value
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    """cfg with `section.key=value` strings applied (in order)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.steps=500")
+        set_option(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
+    """Config from a TOML file (or the defaults) plus `section.key=value` overrides."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            cfg = Config.from_dict(tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    return apply_overrides(cfg, overrides)

@@ -1,0 +1,294 @@
+"""The model: a raw network F composed with a preset into a denoiser D(x~, sigma, labels) and its
+training loss, built in one place from its config (`Diffusion.from_config`), and read back from a
+run folder (`load_model`).
+
+Two ways to turn the raw network F into a model (`Diffusion`):
+* parameterization = "precond" (default): Karras et al. (2022) Table 1 as it is. The denoiser is
+  D(x~, sigma) = c_skip x~ + c_out F(c_in x~, c_noise) and the loss lambda(sigma) ||D - x||^2
+  (the weighting converted to x0-space), sigma = sigma~(t).
+* parameterization in {x0, eps, score, energy, v, flow}: F predicts that target in the (z_t, t)
+  form, fed the preset's c_in and c_noise (precond.ConditionedInput), loss w(t) ||F - target||^2
+  in that space (the weighting converted there with losses.convert_weight).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import losses, process
+from .config import Config, ModelConfig
+from .parameterization import PARAMETERIZATIONS, broadcast, target, to_x0
+from .precond import ConditionedInput, Denoiser, ParameterizedDenoiser, per_sample
+from .presets import Preset, get_preset
+from .schedules import DiscreteVP
+
+Tensor = torch.Tensor
+
+OBJECTIVES = ("weighted", "vlb", "hybrid")
+
+
+class VarianceHead(torch.nn.Module):
+    """A raw network F with 2C output channels read as two heads (Nichol & Dhariwal 2021, sec. 3.1):
+    the first C channels go on as F's prediction; the last C are the log-variance interpolation
+    v of the reverse step, kept in `self.v` for the caller that asked for it right after the call
+    (the hybrid loss, `Diffusion.denoise_with_variance`)."""
+
+    def __init__(self, F: torch.nn.Module):
+        super().__init__()
+        self.F, self.v = F, None
+
+    def forward(self, x: Tensor, noise_cond: Tensor, *args, **kwargs) -> Tensor:
+        out = self.F(x, noise_cond, *args, **kwargs)
+        half = out.shape[1] // 2
+        self.v = out[:, half:]
+        return out[:, :half]
+
+
+class Diffusion(torch.nn.Module):
+    """A raw network F made into a denoiser D(x~, sigma, labels) and a training loss by a preset.
+
+    objective "weighted": w(t) ||target - prediction||^2 (L_simple with the DDPM preset's defaults;
+    the bound's weights w_t for t >= 2 with weighting="vlb"); "vlb": the true bound itself,
+    T L_{i-1} in bits/dim at the drawn step i with the fixed Sigma = beta, the discretized decoder
+    at i = 1 for quantized data (Ho et al. 2020, eq. 5 and Table 2's 'L, fixed isotropic Sigma');
+    "hybrid": the weighted loss plus lambda L_vlb with a learned diagonal reverse variance,
+    Sigma = exp(v log beta_t + (1 - v) log beta~_t) (Nichol & Dhariwal 2021, eq. 15-16; F then
+    outputs twice the data channels, v = (F's second half + 1) / 2), L_vlb seeing the mean through a
+    stop-gradient, so the mean is trained by the first term alone. "vlb" and "hybrid" need a
+    discrete chain (the ddpm or iddpm preset). `levels` is the data's number of quantization levels
+    (0: continuous), which picks the decoder of L_0. noise="importance" draws the step by the loss's
+    second moment and reweights it (losses.ImportanceSampler; Nichol & Dhariwal 2021, eq. 18).
+    """
+
+    def __init__(self, F: torch.nn.Module, preset: Preset, parameterization: str = "precond",
+                 weighting: str = "", weighting_space: str = "", noise: str = "", objective: str = "weighted",
+                 hybrid_lambda: float = 0.001, levels: int = 0, shape: tuple = (), num_classes: int = 0):
+        super().__init__()
+        self.shape, self.num_classes = tuple(shape), num_classes  # per-sample data shape; classes (0: unconditional)
+        if parameterization != "precond" and parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization={parameterization!r}; allowed: precond, {', '.join(PARAMETERIZATIONS)}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
+        self.preset, self.parameterization = preset, parameterization
+        self.schedule = preset.training_schedule
+        self.objective, self.hybrid_lambda, self.levels = objective, hybrid_lambda, levels
+        self.learned_variance = objective == "hybrid"
+        if objective != "weighted" and not isinstance(self.schedule, DiscreteVP):
+            raise ValueError(f"objective={objective!r} needs a discrete chain (preset ddpm or iddpm), got preset {preset.name!r}")
+        if self.learned_variance:
+            if parameterization == "energy":
+                raise ValueError("objective='hybrid' needs a vector output (the variance head); parameterization 'energy' has none")
+            F = VarianceHead(F)
+        self.weighting = weighting or preset.weighting
+        self.weighting_kwargs = preset.weighting_kwargs if not weighting else {}
+        self.weighting_space = weighting_space or (preset.weighting_space if not weighting else "")
+        if noise == "importance":  # iDDPM's sampler of t by the loss's second moment; needs the chain's T
+            if not isinstance(self.schedule, DiscreteVP):
+                raise ValueError(f"noise='importance' needs a discrete chain (preset ddpm or iddpm), got preset {preset.name!r}")
+            self.noise = losses.ImportanceSampler(self.schedule.T)
+        else:
+            self.noise = losses.noise_distribution(noise or preset.noise, **(preset.noise_kwargs if not noise else {}))
+        if parameterization == "precond":
+            self.denoiser = Denoiser(F, preset.precond)
+        else:
+            net = ConditionedInput(F, preset.precond, self.schedule)
+            self.denoiser = ParameterizedDenoiser(net, parameterization, self.schedule)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, shape: tuple, num_classes: int = 0, levels: int = 0) -> "Diffusion":
+        """The model of a [model] config for data of per-sample `shape` with `num_classes` labels
+        (used only if cfg.class_conditional) and `levels` quantization levels (0: continuous)."""
+        classes = num_classes if cfg.class_conditional else 0
+        if cfg.class_conditional and not classes:
+            raise ValueError("model.class_conditional=true needs labelled data (this data set has no labels)")
+        F = build_network(cfg, shape, classes, 2 if cfg.objective == "hybrid" else 1)
+        return cls(F, get_preset(cfg.preset), cfg.parameterization, cfg.weighting, cfg.weighting_space, cfg.noise,
+                   cfg.objective, cfg.hybrid_lambda, levels, shape, classes)
+
+    def forward(self, x: Tensor, sigma, labels: Tensor | None = None) -> Tensor:
+        """D(x~, sigma, labels) -> x0_hat (the samplers' interface; labels None or num_classes: the null label)."""
+        return self.denoiser(x, sigma, labels)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """The raw network F (without the variance head's split)."""
+        inner = self.denoiser.F if self.parameterization == "precond" else self.denoiser.net.F
+        return inner.F if isinstance(inner, VarianceHead) else inner
+
+    @property
+    def head(self) -> VarianceHead:
+        """The learned-variance head inside the denoiser (objective 'hybrid')."""
+        return next(m for m in self.modules() if isinstance(m, VarianceHead))
+
+    def denoise_with_variance(self, x: Tensor, sigma, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(D(x~, sigma), v) of a learned-variance model, from one network evaluation: the callable
+        that samplers.ddpm takes as `variance` and evaluate.model_vlb as its variance."""
+        if not self.learned_variance:
+            raise ValueError("this model has no learned variance (objective='hybrid' trains one)")
+        denoised = self(x, sigma, labels)
+        return denoised, (self.head.v.to(denoised.dtype) + 1) / 2
+
+    def _weight(self, t: Tensor, space: str) -> Tensor:
+        tt = torch.round(t * self.schedule.T) if self.weighting == "vlb" else t
+        return losses.weighting(self.weighting, tt, self.schedule, space=space,
+                                defined_in=self.weighting_space or None, **self.weighting_kwargs)
+
+    def loss(self, x: Tensor, labels: Tensor | None, generator: torch.Generator, t: Tensor | None = None) -> Tensor:
+        """Per-sample weighted loss of Algorithm 1 (shape (B,)); t (B,) in the training schedule's
+        time is drawn from the noise distribution unless given (e.g. to measure the loss per level)."""
+        importance = None
+        if t is None and isinstance(self.noise, losses.ImportanceSampler):
+            t, importance = self.noise.sample(x.shape[0], self.schedule, generator=generator, device=x.device)
+        elif t is None:
+            t = self.noise(x.shape[0], self.schedule, generator=generator, device=x.device)
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        if self.parameterization == "precond":  # Karras et al. 2022, eq. 2 with lambda(sigma)
+            sigma = self.schedule.sigma_tilde(t)
+            pred = self(x + broadcast(sigma, x) * eps, sigma.to(x.dtype), labels)
+            goal, w, x0_hat = x, self._weight(t, "x0"), pred
+        else:  # the (z_t, t) form, loss in the parameterization's own space
+            alpha, sig = self.schedule.alpha(t), self.schedule.sigma(t)
+            z = broadcast(alpha, x).to(x.dtype) * x + broadcast(sig, x).to(x.dtype) * eps
+            pred = self.denoiser.predict(z, t, labels)
+            goal = target(self.parameterization, x, eps, t.to(x.dtype), self.schedule)
+            w = self._weight(t, self.parameterization)
+            x0_hat = to_x0(pred, self.parameterization, z, t.to(x.dtype), self.schedule) if self.objective != "weighted" else None
+        if self.objective == "vlb":
+            loss = self._vlb_term(x, eps, t, x0_hat, None)
+        else:
+            per_sample = ((pred.float() - goal.float()) ** 2).reshape(x.shape[0], -1).mean(dim=1)
+            loss = w.to(per_sample) * per_sample
+            if self.learned_variance:
+                loss = loss + self.hybrid_lambda * self._vlb_term(x, eps, t, x0_hat.detach(), self.head.v)
+        if importance is not None:  # E[loss / (T p_t)] under p equals the uniform mean of the loss
+            self.noise.update(t, loss.detach())
+            loss = loss * importance.to(loss)
+        return loss
+
+    def _vlb_term(self, x: Tensor, eps: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None) -> Tensor:
+        """T L_{i-1} in bits/dim at the drawn steps i = tT (Ho et al. 2020, eq. 5: an unbiased estimate of
+        the bound but for the constant L_T), the mean from x0_hat and the reverse variance learned
+        from v or, v = None, fixed to beta. In the hybrid objective x0_hat comes detached (Nichol &
+        Dhariwal 2021; their code scales the term by T/1000 with lambda = 0.001, the same as lambda T
+        here at T = 1000)."""
+        chain = self.schedule
+        i = torch.round(t * chain.T).long().clamp(1, chain.T)
+        z, _ = process.q_sample(x.double(), chain.discrete_t(i), chain, eps=eps.double())
+        mean = process.ddpm_posterior(x0_hat.double(), z, i, chain)[0]
+        if v is None:
+            var = process.reverse_variance(chain, "beta").to(x.device)[i - 1]
+        else:
+            var = process.learned_variance((v.double() + 1) / 2, i, chain)
+        decoder = "discretized" if self.levels else "gaussian"
+        nats = process.vlb_term(x.double(), z, i, mean, var, chain, decoder, self.levels or 256)
+        return (chain.T * nats / (x[0].numel() * math.log(2))).to(x.dtype)
+
+
+def build_network(cfg: ModelConfig, shape: tuple, num_classes: int = 0, out_factor: int = 1) -> torch.nn.Module:
+    """A U-Net for (C, H, W) data, an MLP for (d,) data, with out_factor times the data's channels
+    (2 for a learned variance) and a class embedding if num_classes; for the energy
+    parameterization, the scalar energy 0.5 ||x - net(x)||^2 built on it (nn.Energy)."""
+    from .nn import MLP, Energy, UNet
+
+    classes = num_classes or None
+    out = shape[0] * out_factor
+    if len(shape) == 3:
+        net = UNet(shape[0], out, base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult),
+                   num_blocks=cfg.num_blocks, attention_resolutions=tuple(cfg.attention), image_size=shape[1],
+                   dropout=cfg.dropout, num_classes=classes)
+    elif len(shape) == 1:
+        net = MLP(shape[0], hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout, num_classes=classes, out_dim=out)
+    else:
+        raise ValueError(f"data of per-sample shape {shape} is not supported: need (d,) points or (C, H, W) images")
+    return Energy(net) if cfg.parameterization == "energy" else net
+
+
+class NoisyClassifier(torch.nn.Module):
+    """A noise-conditional classifier p(y | x~, sigma) for classifier guidance (Dhariwal & Nichol 2021,
+    sec. 4), on the preset's preconditioned input:
+
+        logits(x~, sigma) = F(c_in(sigma) x~, c_noise(sigma)),   loss = -log p(y | x + sigma eps, sigma),
+
+    sigma = sigma~(t), t from the preset's noise distribution: the noise levels its denoiser is
+    trained on. F: nn.EncoderClassifier for images, an MLP with num_classes outputs for points."""
+
+    def __init__(self, F: torch.nn.Module, preset: Preset, shape: tuple = (), num_classes: int = 0):
+        super().__init__()
+        self.F, self.preset, self.schedule = F, preset, preset.training_schedule
+        self.shape, self.num_classes = tuple(shape), num_classes
+        self.noise = losses.noise_distribution(preset.noise, **preset.noise_kwargs)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, shape: tuple, num_classes: int) -> "NoisyClassifier":
+        from .nn import MLP, EncoderClassifier
+
+        if not num_classes:
+            raise ValueError("a classifier needs labelled data (this data set has no labels)")
+        if len(shape) == 3:
+            F = EncoderClassifier(shape[0], num_classes, base_channels=cfg.base_channels,
+                                  channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
+                                  attention_resolutions=tuple(cfg.attention), image_size=shape[1], dropout=cfg.dropout)
+        elif len(shape) == 1:
+            F = MLP(shape[0], hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout, out_dim=num_classes)
+        else:
+            raise ValueError(f"data of per-sample shape {shape} is not supported: need (d,) points or (C, H, W) images")
+        return cls(F, get_preset(cfg.preset), shape, num_classes)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.F
+
+    def forward(self, x: Tensor, sigma) -> Tensor:
+        """Class logits (B, num_classes) at the noisy x~ of level sigma."""
+        _, _, c_in, c_noise = self.preset.precond(per_sample(sigma, x))
+        return self.F(broadcast(c_in, x) * x, c_noise)
+
+    def log_prob(self, x: Tensor, sigma, labels: Tensor) -> Tensor:
+        """log p(labels | x~, sigma), shape (B,)."""
+        return torch.log_softmax(self(x, sigma).float(), dim=1).gather(1, labels.long()[:, None])[:, 0].to(x.dtype)
+
+    def loss(self, x: Tensor, labels: Tensor, generator: torch.Generator, t: Tensor | None = None) -> Tensor:
+        """Per-sample cross-entropy at noise levels from the preset's distribution (shape (B,))."""
+        t = self.noise(x.shape[0], self.schedule, generator=generator, device=x.device) if t is None else t
+        sigma = self.schedule.sigma_tilde(t).to(x.dtype)
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        return torch.nn.functional.cross_entropy(self(x + broadcast(sigma, x) * eps, sigma).float(), labels, reduction="none")
+
+
+def build_model(cfg: ModelConfig, shape: tuple, num_classes: int = 0, levels: int = 0):
+    """The one construction site of a run's model: a Diffusion, or a NoisyClassifier (model.kind)."""
+    if cfg.kind == "diffusion":
+        return Diffusion.from_config(cfg, shape, num_classes, levels)
+    if cfg.kind == "classifier":
+        return NoisyClassifier.from_config(cfg, shape, num_classes)
+    raise ValueError(f"model.kind={cfg.kind!r}; allowed: diffusion, classifier")
+
+
+def checkpoint_path(path: Path) -> Path:
+    """The latest complete checkpoint of a run folder (or the checkpoint file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        found = ckpt.latest(path / "checkpoints") or ckpt.latest(path)
+        if found is None:
+            raise ValueError(f"{path} holds no complete checkpoint (expected checkpoints/ckpt-*.json + .safetensors)")
+        return found
+    if not path.exists() and not path.with_suffix(".json").exists():
+        raise ValueError(f"{path} is neither a run folder nor a checkpoint file")
+    return path
+
+
+def load_model(path: Path, device="cpu", kind: str = "diffusion"):
+    """(EMA model, Config, data info) of a run folder (its latest checkpoint) or a checkpoint file;
+    `kind` is what the caller needs (a 'diffusion' model or a 'classifier'), checked."""
+    tensors, state = ckpt.load(checkpoint_path(path))
+    cfg = Config.from_dict(state["config"])
+    if cfg.model.kind != kind:
+        raise ValueError(f"{path} holds a {cfg.model.kind} run; a {kind} run is needed here")
+    info = state["data"]
+    model = build_model(cfg.model, tuple(info["shape"]), info["num_classes"], info.get("levels", 0))
+    ckpt.load_module(model, tensors, "ema")
+    return model.to(device).eval(), cfg, info

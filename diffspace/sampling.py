@@ -1,0 +1,183 @@
+"""Sampling a model: one value, `config.SampleConfig` (sampler, NFE, sampler options, class labels,
+guidance, seed), resolved once:
+
+    plan(preset, cfg)           -> Plan: the sampler, its sigma grid, its options, the NFE it spends
+    class_labels(cfg, n, K)     -> the labels of n samples ('3', '1,7', 'all' = equal shares, sorted)
+    guided_denoiser(model, ...) -> D(x, sigma) for the sampler: the model at those labels, wrapped by
+                                   guidance.py (classifier-free, autoguidance, classifier guidance)
+    sample(model, n, cfg)       -> Samples(x, labels, plan, evaluations, guided)
+
+Bad settings fail in `plan` / `class_labels` / `guided_denoiser` with a one-line ValueError,
+before any network evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import guidance
+from .config import SampleConfig
+from .presets import Preset
+from .samplers import SAMPLERS, get_sigmas, sampler_nfe
+
+Tensor = torch.Tensor
+
+DEFAULT_NFE = 35  # ODE solvers without an NFE: EDM's 18 Heun steps
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A resolved sampler: name, grid (sigma_max -> 0, float64), options, and its denoiser calls per sample."""
+
+    sampler: str
+    sigmas: Tensor
+    options: dict
+    nfe: int
+
+
+def plan(preset: Preset, cfg: SampleConfig) -> Plan:
+    """The preset's own solver and time steps unless cfg names others. nfe = 0 spends 35 evaluations
+    for ODE solvers and the full chain for DDPM; otherwise the most steps whose NFE fits."""
+    name = cfg.sampler or preset.solver
+    if name not in SAMPLERS:
+        raise ValueError(f"sample.sampler={name!r} is unknown; allowed: {', '.join(SAMPLERS)}")
+    if cfg.nfe < 0:
+        raise ValueError(f"sample.nfe={cfg.nfe} must be >= 0 (0: the sampler's default)")
+    options = {**preset.sampler_options(name), **cfg.options}
+    try:
+        sampler_nfe(name, 1, **options)
+    except TypeError as e:  # an unknown option, named by the sampler
+        raise ValueError(f"sample: {e}") from None
+    if preset.time_steps == "ddpm" and not cfg.nfe:
+        steps = preset.params["T"]
+    else:
+        target = cfg.nfe or DEFAULT_NFE
+        steps = max((k for k in range(1, 4 * target + 2) if sampler_nfe(name, k, **options) <= target), default=1)
+    sigmas = get_sigmas(preset.time_steps, steps, **preset.time_step_kwargs)
+    return Plan(name, sigmas, options, sampler_nfe(name, steps, **options))
+
+
+def class_labels(classes: str, n: int, num_classes: int, device="cpu") -> Tensor | None:
+    """Labels of n samples: None for '' (unconditional); an int K, a comma list, or 'all' (every class),
+    in equal shares, sorted, so a grid of n = k * len(classes) shows one row per class."""
+    text = str(classes).strip()
+    if not text:
+        return None
+    if not num_classes:
+        raise ValueError(f"sample.classes={text!r}: this model is not class-conditional (train it with model.class_conditional=true)")
+    if text == "all":
+        chosen = list(range(num_classes))
+    else:
+        try:
+            chosen = [int(c) for c in text.split(",") if c.strip()]
+        except ValueError:
+            chosen = None
+        if not chosen or any(not 0 <= c < num_classes for c in chosen):
+            raise ValueError(f"sample.classes={text!r}: allowed are class numbers 0..{num_classes - 1} "
+                             "(one, a comma list) or 'all'")
+    index = torch.arange(n) * len(chosen) // n
+    return torch.tensor(chosen, dtype=torch.long)[index].to(device)
+
+
+def _check_guide(guide, model, what: str) -> None:
+    if guide.shape != model.shape:
+        raise ValueError(f"{what} models data of shape {guide.shape}, the model {model.shape}")
+
+
+def guided_denoiser(model, cfg: SampleConfig, labels: Tensor | None, device="cpu"):
+    """D(x, sigma) of the model at `labels` with the guidance cfg asks for: classifier-free when
+    guidance != 1 on labels, autoguidance with guide_run, classifier guidance with classifier (the
+    two last load their runs here). Returns (D, the outermost guidance wrapper or None)."""
+    from .model import load_model
+
+    w, interval, phi = cfg.guidance, tuple(cfg.guidance_interval), cfg.guidance_rescale
+    if interval and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
+        raise ValueError(f"sample.guidance_interval={list(interval)} must be [sigma_lo, sigma_hi] with 0 <= lo <= hi")
+    if not 0 <= phi <= 1:
+        raise ValueError(f"sample.guidance_rescale={phi} must lie in [0, 1]")
+    wrapper = None
+    D = lambda x, s: model(x, s, labels)  # noqa: E731
+    if cfg.guide_run:
+        weak, _, _ = load_model(cfg.guide_run, device)
+        _check_guide(weak, model, f"sample.guide_run={cfg.guide_run!r}")
+        weak_labels = labels if weak.num_classes else None
+        if weak_labels is not None and weak.num_classes != model.num_classes:
+            raise ValueError(f"sample.guide_run={cfg.guide_run!r} has {weak.num_classes} classes, the model {model.num_classes}")
+        D = wrapper = guidance.autoguidance(D, lambda x, s: weak(x, s, weak_labels), w, interval, phi)
+    elif w != 1:
+        if labels is None:
+            raise ValueError(f"sample.guidance={w} needs class labels (sample.classes) for classifier-free guidance, "
+                             "or sample.guide_run for autoguidance")
+        D = wrapper = guidance.classifier_free(model, labels, model.num_classes, w, interval, phi)
+    if cfg.classifier:
+        if labels is None:
+            raise ValueError("sample.classifier needs class labels (sample.classes) to guide towards")
+        clf, _, _ = load_model(cfg.classifier, device, kind="classifier")
+        _check_guide(clf, model, f"sample.classifier={cfg.classifier!r}")
+        if int(labels.max()) >= clf.num_classes:
+            raise ValueError(f"sample.classes asks for class {int(labels.max())}; the classifier knows {clf.num_classes}")
+        D = wrapper = guidance.ClassifierGuidance(D, clf.log_prob, labels, cfg.classifier_scale, interval)
+    return D, wrapper
+
+
+def describe_guidance(cfg: SampleConfig) -> str:
+    """The labels and guidance of a sampling config in words ('' for plain sampling)."""
+    parts = [f"classes {cfg.classes}"] if cfg.classes else []
+    if cfg.guide_run:
+        parts.append(f"autoguidance w={cfg.guidance:g}")
+    elif cfg.guidance != 1:
+        parts.append(f"CFG w={cfg.guidance:g}")
+    if cfg.guidance_interval and (cfg.guide_run or cfg.guidance != 1 or cfg.classifier):
+        parts.append("interval [" + ", ".join(f"{v:g}" for v in cfg.guidance_interval) + "]")
+    if cfg.guidance_rescale:
+        parts.append(f"rescale {cfg.guidance_rescale:g}")
+    if cfg.classifier:
+        parts.append(f"classifier scale {cfg.classifier_scale:g}")
+    return ", ".join(parts)
+
+
+@dataclass
+class Samples:
+    """x (n, *shape) at sigma = 0, their labels (or None), the plan, and what the denoiser spent:
+    `evaluations` = the sampler's calls (plan.nfe for one batch), `guided` = those that also
+    evaluated a guide (a doubled batch for CFG)."""
+
+    x: Tensor
+    labels: Tensor | None
+    plan: Plan
+    evaluations: int
+    guided: int
+    guidance: str = ""  # describe_guidance of the config
+
+    def describe(self) -> str:
+        text = f"sampler {self.plan.sampler}, NFE {self.plan.nfe}" + (f", {self.guidance}" if self.guidance else "")
+        if self.guided:
+            text += f" (the guide evaluated too on {self.guided} of {self.evaluations} calls)"
+        return text
+
+
+@torch.no_grad()
+def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", callback=None,
+           shape: tuple | None = None) -> Samples:
+    """n samples of a model (train.Diffusion) as cfg says: x = sigma_max * N(0, I) with the seed's
+    generator, then the planned sampler on the guided denoiser."""
+    cfg = cfg or SampleConfig()
+    shape = tuple(shape or model.shape)
+    if n < 1 or not shape:
+        raise ValueError(f"sample: n={n} must be >= 1 and the data shape known (got {shape})")
+    p = plan(model.preset, cfg)
+    labels = class_labels(cfg.classes, n, model.num_classes, device)
+    D, wrapper = guided_denoiser(model, cfg, labels, device)
+    options = dict(p.options)
+    if p.sampler == "ddpm" and model.learned_variance and "variance" not in options:
+        if wrapper is not None:
+            raise ValueError("guidance with a learned variance: set sample.variance=beta (or beta_tilde), "
+                             "or choose another sampler")
+        options["variance"] = lambda x, s: model.denoise_with_variance(x, s, labels)
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    x = p.sigmas[0].item() * torch.randn((n, *shape), generator=g, device=device)
+    x = SAMPLERS[p.sampler](D, x, p.sigmas.to(device), generator=g, callback=callback, **options)
+    spent = (wrapper.evaluations, wrapper.guided) if wrapper is not None else (p.nfe, 0)
+    return Samples(x, labels, p, *spent, describe_guidance(cfg))
