@@ -35,7 +35,8 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     r = run(out, scale=args.scale, progress=not args.quiet)
     d, ring = r["digits"], r["ring8"]
-    print(f"digits: {100 * d['confident']:.1f}% confident (>= 80% needed), smallest class {100 * d['min_class_fraction']:.1f}% (>= 4%)")
+    print(f"digits: {100 * d['confident']:.1f}% confident (>= 80% needed), smallest class {100 * d['min_class_fraction']:.1f}% (>= 4%), "
+          f"label agreement {100 * d['agreement']:.1f}%")
     g = r["guided"]
     print(f"digits, guided (w = {g['w']:g}): the feature net agrees with the requested class on {100 * g['agreement']:.1f}% of {g['n']}")
     print(f"ring8: sliced W2 {ring['sw2']:.4f} vs noise floor {ring['floor']:.4f} (ratio {ring['ratio']:.2f}, <= 2 needed)")
@@ -112,7 +113,8 @@ def cmd_edit(args) -> int:
     from . import edit, plots
     from .data import load
     from .model import load_model
-    from .sampling import guided_denoiser, class_labels, plan
+    from .sampling import class_labels, guided_denoiser, plan
+    from .train import load_data
 
     modes = [args.mask is not None, args.strength is not None, args.invert]
     if sum(modes) != 1:
@@ -122,7 +124,7 @@ def cmd_edit(args) -> int:
     model, cfg, _ = load_model(Path(args.run))
     settings = sample_settings(args, cfg.sample)
     p = plan(model.preset, settings)
-    source = load(args.input)
+    source = load_data(cfg)[2] if args.input == "held-out" else load(args.input)
     if source.shape != model.shape:
         raise ValueError(f"--input {args.input!r} holds samples of shape {source.shape}; the model's data are {model.shape}")
     source = source.subset(torch.randperm(len(source), generator=torch.Generator().manual_seed(settings.seed))[:args.n])
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.set_defaults(func=cmd_sample)
     ed = sub.add_parser("edit", help="inpaint (--mask), SDEdit (--strength) or encode + decode (--invert) given inputs")
     ed.add_argument("run", help="run folder or checkpoint")
-    ed.add_argument("--input", required=True, help="inputs: a .npz/.npy (key x), an image folder, or a data name (e.g. digits)")
+    ed.add_argument("--input", required=True, help="inputs: held-out (the run's own test split), a .npz/.npy (key x), an image folder, or a data name (e.g. digits)")
     ed.add_argument("--n", type=int, default=16, help="number of inputs (a random subset, by --seed)")
     ed.add_argument("--mask", help=f"known region: {', '.join(MASKS)} (that half / the centre square) or MASK.npz (True = known)")
     ed.add_argument("--invert-mask", action="store_true", help="swap known and unknown (e.g. --mask center --invert-mask fills the centre)")

@@ -232,6 +232,14 @@ def figures(out: Path, data_name: str, rows: list, models: dict, data, spec: dic
     bars = {r["label"]: {**{f"{primary(q['rows'])[0]} @ {q['nfe_used']} NFE": primary(q["rows"])[1] for q in r["quality"].values()},
                          **{likelihood_column(name): v for name, v, _ in r["likelihood"] if not name.endswith(SE)}} for r in rows}
     plots.bar_table(bars, out / f"{key}_runs.png", title=f"{spec.get('title', spec['name'])}: {data_name}")
+    agreement = "label agreement (higher)"
+    found = {r["label"]: {row[0]: row for row in next(iter(r["quality"].values()))["rows"]} for r in rows}
+    if found and all(agreement in m for m in found.values()):  # conditional samples: fidelity vs quality
+        first = next(iter(found.values()))
+        y_name = primary(list(first.values()))[0]
+        points = {label: (m[agreement][1], m[y_name][1]) for label, m in found.items()}
+        plots.tradeoff(points, out / f"{key}_tradeoff.png", x_name=agreement, y_name=y_name,
+                       floor=(first[agreement][2], first[y_name][2]), title=f"{spec.get('title', spec['name'])}: {data_name}")
     x = data.x[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:64 if quick else 256]]
     plots.loss_per_noise_level_figure(models, x, out / f"{key}_loss_per_level.png", n_levels=8 if quick else 32)
 

@@ -14,6 +14,7 @@ Everything lands in one run folder with report.md and the figures it shows.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -33,14 +34,15 @@ from .train import train
 # 89 % confident by the feature net.
 DIGITS = {"data.spec": "digits", "model.preset": "edm", "model.class_conditional": True, "model.label_dropout": 0.1,
           "model.base_channels": 24, "model.channel_mult": [1, 2],
-          "model.num_blocks": 1, "train.steps": 1200, "train.batch_size": 128, "train.lr": 2e-3,
-          "train.warmup": 100, "log.checkpoint_every": 1200, "log.every": 25}
+          "model.num_blocks": 1, "train.steps": 1000, "train.batch_size": 128, "train.lr": 2e-3,
+          "train.warmup": 100, "log.checkpoint_every": 1000, "log.every": 25}
 RING = {"data.spec": "ring8", "model.preset": "edm", "model.hidden": 128, "model.depth": 3, "train.steps": 1000,
         "train.batch_size": 256, "train.lr": 2e-3, "log.checkpoint_every": 1000, "log.every": 25}
 N_SAMPLES = 1000
 SAMPLER, NFE = "heun", 35  # EDM's own solver and 18-step grid
-GUIDED = SampleConfig(sampler=SAMPLER, nfe=NFE, classes="all", guidance=2.0, seed=2024)  # the guided panel
-N_GUIDED = 200  # 20 per digit
+MAIN = SampleConfig(sampler=SAMPLER, nfe=NFE, classes="all", seed=1234)  # the conditional model, equal shares
+GUIDED = dataclasses.replace(MAIN, guidance=2.0, seed=2024)  # the guided panel: classifier-free, w = 2
+N_SIDE = 200  # samples of the guided and the unconditional panels (20 per digit)
 
 
 def _config(settings: dict, scale: float) -> Config:
@@ -67,22 +69,24 @@ def run(out: Path, scale: float = 1.0, progress: bool = True) -> dict:
     cfg = _config(DIGITS, scale)
     summary = train(cfg, out / "digits", progress=progress)
     ema, data = summary["ema"], summary["data"]
-    snapshots = []
-    n_samples = max(200, int(N_SAMPLES * min(scale, 1.0)))
-    x = sample(ema, n_samples, SampleConfig(sampler=SAMPLER, nfe=NFE, seed=1234),
-               callback=lambda s: snapshots.append((s["sigma"], s["x"][:8].clone(), s["denoised"][:8].clone()))).x
-    net = digits_feature_net()
+    snapshots, n_samples = [], max(200, int(N_SAMPLES * min(scale, 1.0)))
+    spread = slice(None, None, n_samples // 100)  # a tenth of each class: the labels come sorted
+    conditional = sample(ema, n_samples, MAIN, callback=lambda s: snapshots.append(
+        (s["sigma"], s["x"][spread][::10].clone(), s["denoised"][spread][::10].clone())))
+    x, net = conditional.x, digits_feature_net()
     report = digits_metrics(x, data.x, net)
     a, b = real_sets(data, n_samples)
     report["FD_floor"] = digits_metrics(b, a, net)["FD_digits"]
-    report["FD_same_size"], report["FD_n"] = digits_metrics(x[:len(a)], a, net)["FD_digits"], len(a)
-    results["digits"] = dict(report, train_seconds=summary["seconds"], steps=cfg.train.steps,
-                             samples_per_s=_mean_rate(out / "digits" / "metrics.csv"), params=_params(ema))
-    guided = sample(ema, N_GUIDED, GUIDED)
-    agree = float((net.probabilities(guided.x).argmax(1) == guided.labels).double().mean())
-    results["guided"] = dict(agreement=agree, n=N_GUIDED, w=GUIDED.guidance, described=guided.describe())
+    report["FD_same_size"], report["FD_n"] = digits_metrics(x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:len(a)]], a, net)["FD_digits"], len(a)
+    agreement = lambda s: float((net.probabilities(s.x).argmax(1) == s.labels).double().mean())  # noqa: E731
+    uncond = digits_metrics(sample(ema, N_SIDE, dataclasses.replace(MAIN, classes="")).x, data.x, net)
+    guided = sample(ema, N_SIDE, GUIDED)
+    results["digits"] = dict(report, train_seconds=summary["seconds"], steps=cfg.train.steps, agreement=agreement(conditional),
+                             samples_per_s=_mean_rate(out / "digits" / "metrics.csv"), params=_params(ema),
+                             unconditional_confident=uncond["confident"])
+    results["guided"] = dict(agreement=agreement(guided), n=N_SIDE, w=GUIDED.guidance, described=guided.describe())
     plots.save_samples(guided.x, out / "digits_guided.png", labels=guided.labels)
-    plots.samples_vs_data(x[:100], data.x[:100], out / "digits_samples.png")
+    plots.samples_vs_data(x[spread][:100], data.x[:100], out / "digits_samples.png")
     plots.forward_process_images(data.x[:6], None, out / "digits_forward.png")
     plots.reverse_snapshots(snapshots, out / "digits_reverse.png")
     plots.loss_curve(out / "digits" / "metrics.csv", out / "digits_loss.png")
@@ -132,12 +136,15 @@ Total time: {r['seconds']:.0f} s.
 
 ## Digits (scikit-learn 8x8), EDM preset, class-conditional U-Net with {d['params'] / 1e6:.2f} M parameters
 Trained {d['steps']} steps in {d['train_seconds']:.0f} s ({d['samples_per_s']:.0f} images/s).
-{d['n']} samples with `{SAMPLER}` at {NFE} NFE (EMA weights), judged by the digits feature net, a small
-conv net trained on the real digits (held-out accuracy {100 * d['classifier_accuracy']:.1f}%):
+{d['n']} samples of the conditional model (labels in equal shares, no guidance), `{SAMPLER}` at {NFE} NFE
+(EMA weights), judged by the digits feature net, a small conv net trained on the real digits (held-out
+accuracy {100 * d['classifier_accuracy']:.1f}%):
 
 - confidently recognised (top class probability >= 0.8): **{100 * d['confident']:.1f}%** (bar: >= 80%)
 - class shares: {fractions}; smallest **{100 * d['min_class_fraction']:.1f}%** (bar: >= 4%)
 - verdict: {'PASS' if ok_digits else 'FAIL'}
+- label agreement (the net's class is the requested one): {100 * d['agreement']:.1f}%; the same net
+  sampled unconditionally (the null label, trained on 10% of the steps): {100 * d['unconditional_confident']:.1f}% confident
 - in the net's features: Frechet distance **{d['FD_same_size']:.2f}** to {d['FD_n']} real digits, noise floor
   {d['FD_floor']:.2f} (two disjoint real sets of that size); precision {d['precision']:.2f}, recall
   {d['recall']:.2f} (k-NN manifolds, against all {d['n_real']} real digits); classifier score

@@ -474,6 +474,30 @@ def bar_table(rows: dict, path: Path, *, title: str = "runs side by side", floor
     return _save(fig, plt, path)
 
 
+def tradeoff(points: dict, path: Path, *, x_name: str, y_name: str, floor: tuple | None = None,
+             title: str = "trade-off") -> Path:
+    """points = {run: (x, y)} (e.g. label agreement vs FD of guidance settings) as a labelled scatter;
+    runs whose labels share the text before ' w = ' are joined in order (one line per guidance kind);
+    floor = (x, y) of the real data is drawn as a star."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    series: dict = {}
+    for label, (x, y) in points.items():
+        series.setdefault(label.split(" w = ")[0] if " w = " in label else label, []).append((label, x, y))
+    for k, (name, members) in enumerate(series.items()):
+        ax.plot([m[1] for m in members], [m[2] for m in members], marker="o", ls="-" if len(members) > 1 else "",
+                color=f"C{k}", label=name)
+        for label, x, y in members:
+            ax.annotate(label.split(" w = ")[-1] if " w = " in label else label, (x, y), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    if floor is not None:
+        ax.plot(*floor, marker="*", ms=12, color="gray", ls="", label="real data")
+    ax.set(xlabel=x_name, ylabel=y_name, title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
 def _save(fig, plt, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
