@@ -41,6 +41,14 @@ def _sigmas(sigma, x: Tensor) -> Tensor:
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
 
+def _interval(interval) -> tuple[float, float]:
+    """(sigma_lo, sigma_hi), checked; everything (0, inf) when None or empty."""
+    lo, hi = interval if interval else (0.0, math.inf)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"guidance interval [{lo}, {hi}] must satisfy 0 <= sigma_lo <= sigma_hi")
+    return lo, hi
+
+
 def rescale(guided: Tensor, reference: Tensor, phi: float) -> Tensor:
     """CFG rescale (Lin et al. 2024, eq. 15-16): phi * guided * std(reference) / std(guided) + (1 - phi) * guided,
     std per sample over all its values."""
@@ -59,9 +67,7 @@ class Guided:
     def __init__(self, main, guide, w: float, interval=None, phi: float = 0.0, pair=None):
         if not math.isfinite(w):
             raise ValueError(f"guidance weight w={w} must be finite")
-        lo, hi = interval if interval else (0.0, math.inf)
-        if not 0 <= lo <= hi:
-            raise ValueError(f"guidance interval [{lo}, {hi}] must satisfy 0 <= sigma_lo <= sigma_hi")
+        lo, hi = _interval(interval)
         if not 0 <= phi <= 1:
             raise ValueError(f"guidance rescale phi={phi} must lie in [0, 1]")
         self.main, self.guide, self.w, self.lo, self.hi, self.phi = main, guide, float(w), lo, hi, phi
@@ -109,7 +115,7 @@ class ClassifierGuidance:
         if not math.isfinite(scale):
             raise ValueError(f"classifier scale={scale} must be finite")
         self.denoiser, self.log_prob, self.labels, self.scale = denoiser, log_prob, labels, scale
-        self.lo, self.hi = interval if interval else (0.0, math.inf)
+        self.lo, self.hi = _interval(interval)
         self.evaluations = self.guided = 0
 
     def __call__(self, x: Tensor, sigma) -> Tensor:
