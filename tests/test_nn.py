@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import perturb_
 
 from diffspace.nn import (MLP, Energy, FourierEmbedding, SinusoidalEmbedding, UNet, count_parameters, describe,
                           group_count)
@@ -13,13 +14,6 @@ from diffspace.nn import (MLP, Energy, FourierEmbedding, SinusoidalEmbedding, UN
 torch.set_num_threads(2)
 
 
-def perturb_(net, std=0.1, seed=0):
-    """Move every parameter away from its (partly zero) init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return net
 
 
 # -- shapes -------------------------------------------------------------------------------------------

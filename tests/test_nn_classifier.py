@@ -4,19 +4,13 @@ import math
 
 import pytest
 import torch
+from conftest import perturb_
 
 from diffspace.nn import MLP, EncoderClassifier, count_parameters, describe
 
 torch.set_num_threads(2)
 
 
-def perturb_(net, std=0.1, seed=0):
-    """Move every parameter away from its (partly zero) init, so that noise_cond matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g))
-    return net
 
 
 CONFIGS = [

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .embeddings import Conditioning
-from .unet import Attention, Downsample, EmbSequential, ResBlock, _positive_int, norm
+from .unet import Attention, Downsample, EmbSequential, ResBlock, _positive_int, check_levels, norm
 
 Tensor = torch.Tensor
 
@@ -50,32 +50,13 @@ class EncoderClassifier(nn.Module):
         for name, v in (("in_channels", in_channels), ("num_classes", num_classes),
                         ("base_channels", base_channels), ("num_blocks", num_blocks)):
             _positive_int(name, v)
-        channel_mult = tuple(channel_mult)
-        if not channel_mult:
-            raise ValueError("channel_mult=() is empty: give one multiplier per resolution level, e.g. (1, 2)")
-        for m in channel_mult:
-            _positive_int("channel_mult entry", m)
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout={dropout!r} must lie in [0, 1)")
+        channel_mult, attention_resolutions, resolutions = check_levels(channel_mult, attention_resolutions,
+                                                                        image_size, dropout)
+        levels = len(channel_mult)
+        resolutions = resolutions or (None,) * levels
         emb_dim = 2 * ((base_channels + 1) // 2) if emb_dim is None else emb_dim
         if isinstance(emb_dim, bool) or not isinstance(emb_dim, int) or emb_dim < 2 or emb_dim % 2:
             raise ValueError(f"emb_dim={emb_dim!r} must be an even integer >= 2 or None")
-        levels = len(channel_mult)
-        factor = 2 ** (levels - 1)
-        attention_resolutions = tuple(attention_resolutions)
-        if image_size is None:
-            resolutions = (None,) * levels
-            if attention_resolutions:
-                raise ValueError(f"attention_resolutions={attention_resolutions} needs image_size")
-        else:
-            _positive_int("image_size", image_size)
-            if image_size % factor:
-                raise ValueError(f"image_size={image_size} is not divisible by 2^(levels-1) = {factor} "
-                                 f"for channel_mult={channel_mult}")
-            resolutions = tuple(image_size // 2**l for l in range(levels))
-            bad = [r for r in attention_resolutions if r not in resolutions]
-            if bad:
-                raise ValueError(f"attention_resolutions {bad} not among this net's resolutions {resolutions}")
 
         self.config = dict(in_channels=in_channels, num_classes=num_classes, base_channels=base_channels,
                            channel_mult=channel_mult, num_blocks=num_blocks,

@@ -126,6 +126,33 @@ def _positive_int(name: str, v) -> None:
         raise ValueError(f"{name}={v!r} must be a positive integer")
 
 
+def check_levels(channel_mult, attention_resolutions, image_size: int | None, dropout: float):
+    """(channel_mult, attention_resolutions, resolutions per level or None) of an encoder / U-Net,
+    checked: one positive multiplier per level, dropout in [0, 1), image_size divisible by
+    2^(levels-1), attention only at resolutions the net has (and only with an image_size)."""
+    channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
+    if not channel_mult:
+        raise ValueError("channel_mult=() is empty: give one multiplier per resolution level, e.g. (1, 2)")
+    for m in channel_mult:
+        _positive_int("channel_mult entry", m)
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout={dropout!r} must lie in [0, 1)")
+    if image_size is None:
+        if attention_resolutions:
+            raise ValueError(f"attention_resolutions={attention_resolutions} needs image_size")
+        return channel_mult, attention_resolutions, None
+    _positive_int("image_size", image_size)
+    factor = 2 ** (len(channel_mult) - 1)
+    if image_size % factor:
+        raise ValueError(f"image_size={image_size} is not divisible by 2^(levels-1) = {factor} "
+                         f"for channel_mult={channel_mult}")
+    resolutions = tuple(image_size // 2**level for level in range(len(channel_mult)))
+    bad = [r for r in attention_resolutions if r not in resolutions]
+    if bad:
+        raise ValueError(f"attention_resolutions {bad} not among this net's resolutions {resolutions}")
+    return channel_mult, attention_resolutions, resolutions
+
+
 class UNet(nn.Module):
     """Noise-conditional U-Net F(x, noise_cond, class_labels=None) -> (B, out_channels, H, W).
 
@@ -151,29 +178,11 @@ class UNet(nn.Module):
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("base_channels", base_channels), ("num_blocks", num_blocks), ("emb_mult", emb_mult)):
             _positive_int(name, v)
-        channel_mult = tuple(channel_mult)
-        if not channel_mult:
-            raise ValueError("channel_mult=() is empty: give one multiplier per resolution level, e.g. (1, 2)")
-        for m in channel_mult:
-            _positive_int("channel_mult entry", m)
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout={dropout!r} must lie in [0, 1)")
+        channel_mult, attention_resolutions, resolutions = check_levels(channel_mult, attention_resolutions,
+                                                                        image_size, dropout)
         levels = len(channel_mult)
         self.factor = 2 ** (levels - 1)  # total downsampling
-        attention_resolutions = tuple(attention_resolutions)
-        if image_size is None:
-            resolutions = ()
-            if attention_resolutions:
-                raise ValueError(f"attention_resolutions={attention_resolutions} needs image_size")
-        else:
-            _positive_int("image_size", image_size)
-            if image_size % self.factor:
-                raise ValueError(f"image_size={image_size} is not divisible by 2^(levels-1) = {self.factor} "
-                                 f"for channel_mult={channel_mult}")
-            resolutions = tuple(image_size // 2**l for l in range(levels))
-            bad = [r for r in attention_resolutions if r not in resolutions]
-            if bad:
-                raise ValueError(f"attention_resolutions {bad} not among this net's resolutions {resolutions}")
+        resolutions = resolutions or ()
 
         def heads(ch: int) -> int:
             if head_channels is not None:
