@@ -172,10 +172,9 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
     D, wrapper = guided_denoiser(model, cfg, labels, device)
     options = dict(p.options)
     if p.sampler == "ddpm" and model.learned_variance and "variance" not in options:
-        if wrapper is not None:
-            raise ValueError("guidance with a learned variance: set sample.variance=beta (or beta_tilde), "
-                             "or choose another sampler")
-        options["variance"] = lambda x, s: model.denoise_with_variance(x, s, labels)
+        # the learned Sigma of the network's last call: its first len(x) rows are the model's own
+        # (CFG batches [conditional; unconditional]; a guide model has its own head)
+        options["variance"] = lambda x, s: (D(x, s), (model.head.v[:len(x)].to(x.dtype) + 1) / 2)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     x = p.sigmas[0].item() * torch.randn((n, *shape), generator=g, device=device)
     x = SAMPLERS[p.sampler](D, x, p.sigmas.to(device), generator=g, callback=callback, **options)

@@ -1,0 +1,74 @@
+"""The sampling value: [sample] parsing (fields and sampler options), its TOML round trip, the plan
+(per-preset solver options, NFE), and a learned-variance model under guidance."""
+
+import pytest
+import torch
+
+from diffspace.config import Config, SampleConfig, apply_overrides, load_config
+from diffspace.model import Diffusion
+from diffspace.nn import MLP
+from diffspace.presets import PRESETS, get_preset
+from diffspace.samplers import SAMPLERS, sampler_nfe
+from diffspace.sampling import plan, sample
+from diffspace.schedules import VPSDE, SqrtVE
+
+from conftest import perturb_
+
+
+def test_sample_section_fields_and_sampler_options_round_trip(tmp_path):
+    cfg = apply_overrides(Config(), ["sample.sampler=ddim", "sample.eta=0.5", "sample.classes=1,3",
+                                     "sample.guidance_interval=0.3,5", "sample.S_churn=40", "sample.flag=true",
+                                     "sample.predictor=euler"])
+    s = cfg.sample
+    assert (s.sampler, s.classes, s.guidance_interval) == ("ddim", "1,3", [0.3, 5])
+    assert s.options == {"eta": 0.5, "S_churn": 40, "flag": True, "predictor": "euler"}
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert "eta = 0.5" in path.read_text() and "options" not in path.read_text()
+    assert load_config(path).to_dict() == cfg.to_dict()
+    assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()  # the nested form of to_dict too
+
+
+def test_plan_uses_the_presets_solver_options_and_counts_nfe():
+    vp, ve, edm = (plan(get_preset(n), SampleConfig()) for n in ("vp", "ve", "edm"))
+    assert vp.sampler == "euler" and isinstance(vp.options["schedule"], VPSDE) and vp.nfe == 35
+    assert isinstance(ve.options["schedule"], SqrtVE)
+    assert edm.sampler == "heun" and edm.options == {} and edm.nfe == 35 and len(edm.sigmas) == 19
+    ddpm = plan(get_preset("ddpm"), SampleConfig())
+    assert ddpm.sampler == "ddpm" and ddpm.nfe == 1000
+    dpm = plan(get_preset("vp"), SampleConfig(sampler="dpmpp_2m", nfe=10))
+    assert dpm.options == {} and dpm.nfe == 10  # the VP column's own-time option is Euler's and Heun's only
+    for name in SAMPLERS:  # every sampler plans within its NFE
+        p = plan(get_preset("edm"), SampleConfig(sampler=name, nfe=12, options={"n_steps": 2} if name == "langevin" else {}))
+        assert p.nfe == sampler_nfe(name, len(p.sigmas) - 1, **p.options) and p.nfe <= 12
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(sampler="nope"), "sample.sampler='nope'"),
+    (dict(nfe=-1), "sample.nfe=-1"),
+    (dict(sampler="heun", options={"eta": 1.0}), "unknown option"),
+])
+def test_plan_errors(settings, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        plan(get_preset("edm"), SampleConfig(**settings))
+
+
+def test_learned_variance_samples_under_guidance():
+    """iDDPM's hybrid model: ddpm uses its learned Sigma, with classifier-free guidance too; w = 1 is
+    the unguided conditional run to the bit."""
+    net = perturb_(MLP(2, hidden=16, depth=1, num_classes=3, out_dim=4))
+    model = Diffusion(net, get_preset("ddpm"), "eps", objective="hybrid", shape=(2,), num_classes=3).eval()
+    plain = sample(model, 12, SampleConfig(classes="all", nfe=8, seed=1))
+    same = sample(model, 12, SampleConfig(classes="all", nfe=8, seed=1, guidance=1.0))
+    guided = sample(model, 12, SampleConfig(classes="all", nfe=8, seed=1, guidance=3.0))
+    fixed = sample(model, 12, SampleConfig(classes="all", nfe=8, seed=1, options={"variance": "beta"}))
+    assert torch.equal(plain.x, same.x) and torch.isfinite(guided.x).all()
+    assert not torch.allclose(plain.x, guided.x) and not torch.allclose(plain.x, fixed.x)
+    assert guided.guided == guided.evaluations == 8
+
+
+def test_every_preset_samples_its_default_plan():
+    for name, preset in PRESETS.items():
+        model = Diffusion(perturb_(MLP(2, hidden=8, depth=1)), preset, shape=(2,)).eval()
+        s = sample(model, 5, SampleConfig(nfe=3))
+        assert s.x.shape == (5, 2) and torch.isfinite(s.x).all() and s.labels is None, name
