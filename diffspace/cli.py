@@ -139,9 +139,11 @@ def cmd_edit(args) -> int:
             mask = edit.make_mask(args.mask, model.shape)
             mask = ~mask if args.invert_mask else mask
             x = edit.inpaint(D, y, mask, p.sigmas, p.sampler, method=args.method, jump_length=args.jump_length,
-                             jump_n_sample=args.jump_n_sample, generator=g, **p.options)
+                             jump_n_sample=args.jump_n_sample, reconstruction=args.reconstruction,
+                             sigma_data=model.preset.params.get("sigma_data", 0.5), generator=g, **p.options)
             changed = int((x != y)[mask.expand_as(y)].sum())
-            report = f"{args.method} inpainting, {int(mask.sum())} of {mask.numel()} values known; known values changed: {changed}"
+            method = args.method + (f" + reconstruction guidance {args.reconstruction:g}" if args.reconstruction else "")
+            report = f"{method} inpainting, {int(mask.sum())} of {mask.numel()} values known; known values changed: {changed}"
             arrays["mask"] = mask.numpy()
             shown = torch.where(mask, y, torch.full_like(y, -1.0))
         elif args.strength is not None:
@@ -293,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--method", default="replace", choices=("replace", "repaint"), help="inpainting: replacement or RePaint")
     ed.add_argument("--jump-length", type=int, default=10, help="RePaint: steps per segment (default 10)")
     ed.add_argument("--jump-n-sample", type=int, default=10, help="RePaint: times each segment is sampled (default 10)")
+    ed.add_argument("--reconstruction", type=float, default=0.0, metavar="W",
+                    help="inpainting: reconstruction guidance weight (Ho et al. 2022; 0: off)")
     ed.add_argument("--strength", type=float, help="SDEdit: noise the input to the level where the last strength x N steps begin")
     ed.add_argument("--invert", action="store_true", help="encode by the probability-flow ODE and decode back; report the error")
     ed.add_argument("--out", help="PNG path (default: RUN/samples/edit.png)")

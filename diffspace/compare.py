@@ -153,7 +153,8 @@ def run(spec_name: str, out: Path, quick: bool = False, progress: bool = True, o
             if not r.get("measure", True):
                 continue
             model, _, info = load_model(folder)
-            models[r["label"]] = model
+            if not shared:  # one curve per trained model in the per-level loss figure
+                models[r["label"]] = model
             row, data = measure_run(model, cfg, r, options, seconds)
             rows.append(row)
             print(f"compare {spec['name']}: {data_name} / {r['label']} measured", flush=True)

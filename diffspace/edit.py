@@ -10,9 +10,11 @@ any sampler of samplers.SAMPLERS, which do not change.
 * `inpaint(..., method="repaint")`: RePaint (Lugmayr et al. 2022): the same wrapper, but the grid is
   walked in segments of `jump_length` steps, each sampled `jump_n_sample` times, the state noised
   back up between times, x <- x + sqrt(sigma_i^2 - sigma_j^2) z (the forward process in the
-  scale-free form), so known and generated parts harmonise.
+  scale-free form), so known and generated parts harmonise. The sampler runs on each segment as
+  on a grid of its own: multistep solvers restart their history there, and edm_sde's churn
+  S_churn / N counts the segment's steps.
 * `sdedit`: SDEdit (Meng et al. 2022): noise the input to the grid level sigma(S) at which the last
-  ceil(S N) of the N steps begin (S = strength in (0, 1], as diffusers' img2img), then sample back.
+  ceil(S N) of the N steps begin (S = strength in (0, 1]), then sample back.
 * `encode` / `decode`: the deterministic probability-flow ODE (DDIM inversion; Song et al. 2021a,
   sec. 4.3) from sigma_min up to sigma_max with Heun steps, and back down on the same grid; the
   round-trip error measures the ODE discretisation.
@@ -79,13 +81,14 @@ def make_mask(spec: str, shape: tuple) -> Tensor:
     if not bool(((m == 0) | (m == 1)).all()):
         raise ValueError(f"mask file {path}: values must be 0/1 or bool (True = known)")
     m = m.bool()
-    try:
-        m = m.expand(shape) if m.ndim < len(shape) or m.shape == shape else None
-    except RuntimeError:
-        m = None
-    if m is None:
-        raise ValueError(f"mask file {path}: shape {tuple(arrays.shape)} does not fit samples of shape {shape}")
-    return m.clone()
+    image_like = len(shape) == 3 and tuple(m.shape) in (shape[1:], (1, *shape[1:]))  # one mask for every channel
+    if tuple(m.shape) != shape and not image_like:
+        allowed = f"{shape}" + (f", {shape[1:]} or {(1, *shape[1:])}" if len(shape) == 3 else "")
+        raise ValueError(f"mask file {path}: shape {tuple(m.shape)} does not fit samples of shape {shape}; allowed: {allowed}")
+    m = m.expand(shape).clone()
+    if bool(m.all()) or not bool(m.any()):
+        raise ValueError(f"mask file {path}: every value is {'known' if bool(m.all()) else 'unknown'}; nothing to inpaint")
+    return m
 
 
 def known(denoiser, y: Tensor, mask: Tensor):
@@ -93,16 +96,41 @@ def known(denoiser, y: Tensor, mask: Tensor):
     return lambda x, sigma: torch.where(mask, y, denoiser(x, sigma))
 
 
+def reconstruction_guided(denoiser, y: Tensor, mask: Tensor, weight: float, sigma_data: float = 0.5):
+    """Reconstruction guidance (Ho et al. 2022, 'Video diffusion models', eq. 7): the unknown part of D
+    is moved along the gradient of the Gaussian likelihood of the known values,
+
+        D'(x, sigma) = D + weight * sigma^2 grad_x log N(y_K; D_K(x, sigma), r^2),
+        r^2 = sigma^2 sigma_data^2 / (sigma^2 + sigma_data^2)   (the posterior variance of Gaussian data),
+
+    i.e. D - weight (sigma^2 + sigma_data^2) / (2 sigma_data^2) grad_x ||y_K - D_K||^2; the known part is y
+    (replacement). One backward pass through the network per call."""
+    def guided(x: Tensor, sigma) -> Tensor:
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            d = denoiser(xx, sigma)
+            (grad,) = torch.autograd.grad(((y - d) * mask).pow(2).sum(), xx)
+        s2 = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1))) ** 2
+        return torch.where(mask, y, d.detach() - weight * (s2 + sigma_data**2) / (2 * sigma_data**2) * grad)
+
+    return guided
+
+
 def inpaint(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, sampler: str = "heun", *, method: str = "replace",
-            jump_length: int = 10, jump_n_sample: int = 10, generator=None, callback=None, **options) -> Tensor:
+            jump_length: int = 10, jump_n_sample: int = 10, reconstruction: float = 0.0, sigma_data: float = 0.5,
+            generator=None, callback=None, **options) -> Tensor:
     """Samples of the unknown part given y on the mask, by replacement or RePaint (see the module doc),
-    with any sampler on the grid `sigmas` (sigma_max -> 0). Returns x with x[mask] == y[mask] exactly."""
+    optionally with reconstruction guidance of that weight (`reconstruction_guided`), with any sampler on
+    the grid `sigmas` (sigma_max -> 0). Returns x with x[mask] == y[mask] exactly."""
     if method not in METHODS:
         raise ValueError(f"inpainting method={method!r}; allowed: {', '.join(METHODS)}")
     if jump_length < 1 or jump_n_sample < 1:
         raise ValueError(f"jump_length={jump_length} and jump_n_sample={jump_n_sample} must be >= 1")
+    if not (math.isfinite(reconstruction) and reconstruction >= 0):
+        raise ValueError(f"reconstruction={reconstruction} must be a finite weight >= 0 (0: off)")
     mask = mask.to(y.device).expand_as(y)
-    D, solve = known(denoiser, y, mask), SAMPLERS[sampler]
+    D = reconstruction_guided(denoiser, y, mask, reconstruction, sigma_data) if reconstruction else known(denoiser, y, mask)
+    solve = SAMPLERS[sampler]
     levels = sigmas.tolist()
     x = torch.where(mask, y, torch.zeros_like(y)) + levels[0] * torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
     if method == "replace":
@@ -120,11 +148,12 @@ def inpaint(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, sampler: str = "h
 
 
 def sdedit_start(sigmas: Tensor, strength: float) -> int:
-    """Index of the grid level SDEdit starts from: the last ceil(strength N) of the N steps remain."""
+    """Index of the grid level SDEdit starts from: the last ceil(strength N) of the N steps remain (at least
+    one; diffusers' img2img keeps int(strength N))."""
     if not 0 < strength <= 1:
         raise ValueError(f"strength={strength} must lie in (0, 1] (1: from pure noise)")
     n = len(sigmas) - 1
-    return n - max(1, math.ceil(strength * n))
+    return n - max(1, math.ceil(round(strength * n, 9)))  # round: 0.28 * 25 = 7.000000000000001 is 7 steps
 
 
 def sdedit(denoiser, y: Tensor, sigmas: Tensor, strength: float, sampler: str = "heun", *, generator=None,
