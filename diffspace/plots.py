@@ -483,7 +483,7 @@ def tradeoff(points: dict, path: Path, *, x_name: str, y_name: str, floor: tuple
     fig, ax = plt.subplots(figsize=(7, 4.8))
     series: dict = {}
     for label, (x, y) in points.items():
-        series.setdefault(label.split(" w = ")[0] if " w = " in label else label, []).append((label, x, y))
+        series.setdefault(label.split(" w = ")[0].rstrip(", ") if " w = " in label else label, []).append((label, x, y))
     for k, (name, members) in enumerate(series.items()):
         ax.plot([m[1] for m in members], [m[2] for m in members], marker="o", ls="-" if len(members) > 1 else "",
                 color=f"C{k}", label=name)
@@ -492,7 +492,8 @@ def tradeoff(points: dict, path: Path, *, x_name: str, y_name: str, floor: tuple
                         xytext=(3, 3), textcoords="offset points")
     if floor is not None:
         ax.plot(*floor, marker="*", ms=12, color="gray", ls="", label="real data")
-    ax.set(xlabel=x_name, ylabel=y_name, title=title)
+    ax.set(xlabel=x_name, ylabel=y_name)
+    ax.set_title(title, fontsize=9, wrap=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, plt, path)
