@@ -214,6 +214,22 @@ def test_bar_table(tmp_path):
     _assert_png(plots.bar_table(rows, tmp_path / "bars.png", floors={"sliced W2": 0.02}))
 
 
+def test_tradeoff(tmp_path):
+    points = {"conditional, w = 1": (0.97, 7.0), "CFG w = 0": (0.1, 12.4), "CFG w = 2": (1.0, 13.4),
+              "autoguidance w = 2": (0.98, 8.7)}
+    _assert_png(plots.tradeoff(points, tmp_path / "t.png", x_name="label agreement", y_name="FD", floor=(0.99, 2.5)))
+
+
+def test_save_samples_with_labels_one_row_per_class(tmp_path):
+    from PIL import Image
+
+    x = torch.rand(20, 1, 8, 8) * 2 - 1
+    path = plots.save_samples(x, tmp_path / "g.png", labels=torch.arange(20) // 5)  # 4 classes x 5
+    img = Image.open(path)
+    assert img.width > img.height  # 5 columns, 4 rows
+    _assert_png(plots.save_samples(torch.randn(50, 2), tmp_path / "p.png", labels=torch.arange(50) % 3))
+
+
 def test_every_figure_function_is_tested():
     """Each public function of plots that writes to a `path` has a test above."""
     figures = {name for name, f in inspect.getmembers(plots, inspect.isfunction)
@@ -221,5 +237,5 @@ def test_every_figure_function_is_tested():
                and "path" in inspect.signature(f).parameters}
     tested = {"forward_process_figure", "save_samples", "samples_vs_data", "forward_process_images",
               "reverse_snapshots", "loss_curve", "reverse_trajectories", "loss_per_noise_level_figure",
-              "weighting_figure", "quality_vs_nfe", "bar_table"}
+              "weighting_figure", "quality_vs_nfe", "bar_table", "tradeoff"}
     assert figures == tested
