@@ -29,9 +29,9 @@ from .sampling import sample
 from .train import train
 
 # Chosen to finish within 5 minutes on 2 CPU cores, with a margin. Measured on this project's 2-core
-# machine: 0.70 M parameters (base 32) x 3000 steps took 636 s in all (89 % confident by logistic
-# regression); base 24 (0.40 M, 0.16 s/step) x 1400 steps 287 s, x 1200 steps (these) 239 s in all,
-# 89 % confident by the feature net.
+# machines: base 32 (0.70 M parameters) x 3000 steps took 636 s in all; base 24 (0.40 M) x 1200 steps
+# 239 s on a slower one; this setting (class-conditional, 1000 steps, guided and unconditional panels
+# of 200) 110 s in all on the machine of the session that introduced it.
 DIGITS = {"data.spec": "digits", "model.preset": "edm", "model.class_conditional": True, "model.label_dropout": 0.1,
           "model.base_channels": 24, "model.channel_mult": [1, 2],
           "model.num_blocks": 1, "train.steps": 1000, "train.batch_size": 128, "train.lr": 2e-3,
@@ -144,7 +144,7 @@ accuracy {100 * d['classifier_accuracy']:.1f}%):
 - class shares: {fractions}; smallest **{100 * d['min_class_fraction']:.1f}%** (bar: >= 4%)
 - verdict: {'PASS' if ok_digits else 'FAIL'}
 - label agreement (the net's class is the requested one): {100 * d['agreement']:.1f}%; the same net
-  sampled unconditionally (the null label, trained on 10% of the steps): {100 * d['unconditional_confident']:.1f}% confident
+  sampled unconditionally (the null label, seen by 10% of the training samples): {100 * d['unconditional_confident']:.1f}% confident
 - in the net's features: Frechet distance **{d['FD_same_size']:.2f}** to {d['FD_n']} real digits, noise floor
   {d['FD_floor']:.2f} (two disjoint real sets of that size); precision {d['precision']:.2f}, recall
   {d['recall']:.2f} (k-NN manifolds, against all {d['n_real']} real digits); classifier score
