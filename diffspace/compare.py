@@ -39,7 +39,7 @@ from .checkpoint import atomic_write_text, latest
 from .evaluate import likelihood, sample_quality
 from .config import Config, SampleConfig, apply_overrides, load_config, set_option
 from .model import load_model
-from .sampling import describe_guidance, plan, sample
+from .sampling import describe_guidance, sample
 from .train import load_data, train
 
 EVAL_DEFAULTS = {"nfe": [0], "n": 1000, "seed": 0, "vlb_steps": [0], "vlb_samples": 100, "pf_ode_steps": 0}

@@ -19,6 +19,7 @@ import torch
 
 from . import guidance
 from .config import SampleConfig
+from .model import load_model
 from .presets import Preset
 from .samplers import SAMPLERS, get_sigmas, sampler_nfe
 
@@ -90,8 +91,6 @@ def guided_denoiser(model, cfg: SampleConfig, labels: Tensor | None, device="cpu
     """D(x, sigma) of the model at `labels` with the guidance cfg asks for: classifier-free when
     guidance != 1 on labels, autoguidance with guide_run, classifier guidance with classifier (the
     two last load their runs here). Returns (D, the outermost guidance wrapper or None)."""
-    from .model import load_model
-
     w, interval, phi = cfg.guidance, tuple(cfg.guidance_interval), cfg.guidance_rescale
     if interval and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
         raise ValueError(f"sample.guidance_interval={list(interval)} must be [sigma_lo, sigma_hi] with 0 <= lo <= hi")

@@ -94,3 +94,31 @@ def test_a_run_folder_with_another_config_is_refused(tmp_path):
     cfg.train.lr = 1e-4
     with pytest.raises(ValueError, match="another config"):
         train_or_reuse(cfg, tmp_path / "r", progress=False)
+
+
+def test_guidance_spec_loads_and_references_an_earlier_run(tmp_path):
+    spec = load_spec("guidance")
+    labels = [r["label"] for r in spec["run"]]
+    assert labels[0] == "weak guide" and spec["run"][0]["measure"] is False and len(labels) == 14
+    auto = [r for r in spec["run"] if r.get("sample.guide_run")]
+    assert len(auto) == 6 and all(r["sample.guide_run"] == "@weak guide" for r in auto)
+    cfg = run_config(spec, "digits", auto[0])
+    assert cfg.model.class_conditional and cfg.sample.classes == "all" and cfg.sample.guide_run == "@weak guide"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data.ring8]\n[[run]]\nlabel = "a"\n"sample.guide_run" = "@b"\n[[run]]\nlabel = "b"\n')
+    with pytest.raises(ValueError, match="must name an earlier run"):
+        load_spec(str(bad))
+
+
+def test_guidance_spec_quick_through_the_entry_point(tmp_path):
+    out = tmp_path / "guidance"
+    r = subprocess.run([sys.executable, "-m", "diffspace", "compare", "guidance", "--quick", "--quiet", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((out / "results.json").read_text())["datasets"]["digits"]
+    assert len(rows) == 13 and "weak guide" not in [row["label"] for row in rows]
+    for row in rows:
+        names = [name for name, _, _ in next(iter(row["quality"].values()))["rows"]]
+        assert "label agreement (higher)" in names and any(n.startswith("FD per class") for n in names)
+    assert _non_blank_png(out / "digits_tradeoff.png")
+    assert "autoguidance w=2" in (out / "results.md").read_text()
