@@ -184,7 +184,7 @@ def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int =
                    feature_net=None) -> list[Row]:
     """Measures of samples x against the real data, each next to its noise floor, the same measure
     between two independent real sets of the same size (real_sets: a, b): model = m(x, a), floor =
-    m(b, a), with x cut to the size of a. Lower is better unless the name says 'higher'.
+    m(b, a), with x cut to the size of a (a fixed random subset). Lower is better unless the name says 'higher'.
 
     * always: sliced W2 (in pixel space for images);
     * points: energy distance; for the analytic mixtures KL(model || data) = E_x[-log p(x)] - H(p),
@@ -200,7 +200,8 @@ def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int =
     a, b = real_sets(data, len(x), seed)
     if len(x) < len(a):
         raise ValueError(f"{len(x)} samples are too few: the floor uses real sets of {len(a)}; draw at least that many")
-    x_all, x = x, x[:len(a)].detach().cpu().float()
+    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:len(a)].sort().values
+    x_all, x = x, x[keep].detach().cpu().float()  # a random subset: conditional samples come sorted by label
     rows: list[Row] = [("sliced W2", sliced_wasserstein(x, a), sliced_wasserstein(b, a))]
     if data.kind == "points":
         rows.append(("energy distance", energy_distance(x, a), energy_distance(b, a)))

@@ -242,3 +242,20 @@ def test_model_vlb_by_monte_carlo_on_gaussian_data():
            - _true_nll(x, mu, s2, 0.0)) / 2
     assert abs(gap.mean().item()) + 3 * gap.std().item() / math.sqrt(len(gap)) < 0.015
     assert abs(gap.mean().item()) < 0.01
+
+
+def test_sample_quality_of_sorted_conditional_samples_sees_every_class():
+    """Real digits posing as class-conditional samples sorted by label (as sampling.class_labels gives
+    them): the measures use a random subset, so no class is cut off, and the class measures equal
+    what the real data gets."""
+    from diffspace.data import load
+    from diffspace.evaluate import sample_quality
+
+    data = load("digits")
+    order = torch.cat([(data.labels == c).nonzero()[:100, 0] for c in range(10)])  # 100 per class, sorted
+    x, labels = data.x[order], data.labels[order]
+    rows = {name: (value, floor) for name, value, floor in sample_quality(x, data, labels=labels)}
+    assert rows["smallest class share (higher)"][0] > 0.03  # the first 898 would miss the 9s
+    assert rows["label agreement (higher)"][0] > 0.97
+    value, floor = rows[next(n for n in rows if n.startswith("FD per class"))]
+    assert value < 2 * floor
