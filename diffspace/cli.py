@@ -179,16 +179,17 @@ def cmd_eval(args) -> int:
     import json
 
     from .checkpoint import atomic_write_text
-    from .evaluate import evaluate_run, markdown
+    from .evaluate import evaluate_model, markdown
     from .model import load_model
 
     if args.n < 2 or args.nll_samples < 0 or args.pf_ode_steps < 0:
         raise ValueError(f"--n={args.n} must be >= 2, --nll-samples={args.nll_samples} and "
                          f"--pf-ode-steps={args.pf_ode_steps} >= 0")
     vlb_steps = tuple(int(k) for k in args.vlb_steps.split(",") if k.strip()) if args.vlb_steps else ()
-    settings = sample_settings(args, load_model(args.run)[1].sample)
-    result = evaluate_run(args.run, n=args.n, sample_cfg=settings, nll_samples=args.nll_samples,
-                          pf_ode_steps=args.pf_ode_steps, vlb_steps=vlb_steps, inception=args.inception)
+    model, cfg, _ = load_model(args.run)
+    result = evaluate_model(model, cfg, args.run, n=args.n, sample_cfg=sample_settings(args, cfg.sample),
+                            nll_samples=args.nll_samples, pf_ode_steps=args.pf_ode_steps, vlb_steps=vlb_steps,
+                            inception=args.inception)
     folder = _run_folder(args.run)
     figures = eval_figures(result, folder)
     text = markdown(result) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .analytic import ring8
-from .evaluate import noise_floor, real_sets, sliced_wasserstein
+from .evaluate import judge, noise_floor, real_sets, sliced_wasserstein
 from .features import digits_feature_net, digits_metrics
 from .config import Config, SampleConfig, set_option
 from .sampling import sample
@@ -78,7 +78,8 @@ def run(out: Path, scale: float = 1.0, progress: bool = True) -> dict:
     a, b = real_sets(data, n_samples)
     report["FD_floor"] = digits_metrics(b, a, net)["FD_digits"]
     report["FD_same_size"], report["FD_n"] = digits_metrics(x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:len(a)]], a, net)["FD_digits"], len(a)
-    agreement = lambda s: float((net.probabilities(s.x).argmax(1) == s.labels).double().mean())  # noqa: E731
+    predict = judge(data, net)
+    agreement = lambda s: float((predict(s.x) == s.labels).double().mean())  # noqa: E731
     uncond = digits_metrics(sample(ema, N_SIDE, dataclasses.replace(MAIN, classes="")).x, data.x, net)
     guided = sample(ema, N_SIDE, GUIDED)
     results["digits"] = dict(report, train_seconds=summary["seconds"], steps=cfg.train.steps, agreement=agreement(conditional),

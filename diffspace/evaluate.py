@@ -333,15 +333,22 @@ def _mean_and_standard_error(name: str, per_sample: Tensor) -> list[Row]:
 # -- a run, end to end: `diffspace eval RUN` -------------------------------------------------------------
 def evaluate_run(run: str, n: int = 2000, sample_cfg=None, nll_samples: int = 256, pf_ode_steps: int = 32,
                  vlb_steps=(0,), inception: str | None = None) -> dict:
-    """Sample n from a run's EMA model as sample_cfg says (default: the run's own [sample] section)
-    and measure them (sample_quality, each figure beside its noise floor; with class labels also
-    class_quality), then the likelihood of nll_samples held-out samples (likelihood: the VLB on the
-    chains `vlb_steps`, the probability-flow ODE with pf_ode_steps; 0 / () skips them)."""
+    """`evaluate_model` of a run folder's (or checkpoint's) EMA model."""
     from .model import load_model
+
+    model, cfg, _ = load_model(run)
+    return evaluate_model(model, cfg, str(run), n, sample_cfg, nll_samples, pf_ode_steps, vlb_steps, inception)
+
+
+def evaluate_model(model, cfg, run: str, n: int = 2000, sample_cfg=None, nll_samples: int = 256,
+                   pf_ode_steps: int = 32, vlb_steps=(0,), inception: str | None = None) -> dict:
+    """Sample n from a run's model as sample_cfg says (default: the run's own [sample] section of
+    `cfg`) and measure them (sample_quality, each figure beside its noise floor; with class labels
+    also class_quality), then the likelihood of nll_samples held-out samples (likelihood: the VLB on
+    the chains `vlb_steps`, the probability-flow ODE with pf_ode_steps; 0 / () skips them)."""
     from .sampling import sample
     from .train import load_data
 
-    model, cfg, info = load_model(run)
     sample_cfg = sample_cfg or cfg.sample
     data, _, test = load_data(cfg)
     s = sample(model, n, sample_cfg)
@@ -349,7 +356,7 @@ def evaluate_run(run: str, n: int = 2000, sample_cfg=None, nll_samples: int = 25
     if nll_samples:
         rows += likelihood(model, test.x[:nll_samples], data.levels, vlb_steps=vlb_steps,
                            pf_ode_steps=pf_ode_steps, seed=sample_cfg.seed)
-    return {"run": str(run), "spec": cfg.data.spec, "n": n, "sampling": s.describe(), "sample_cfg": sample_cfg,
+    return {"run": run, "spec": cfg.data.spec, "n": n, "sampling": s.describe(), "sample_cfg": sample_cfg,
             "rows": rows, "model": model, "samples": s.x, "labels": s.labels, "data": data}
 
 
