@@ -133,9 +133,13 @@ class GaussianMixture:
 
             m_k = mu_k + C_k (C_k + sigma^2 I)^{-1} (x - mu_k) = x - sigma^2 (C_k + sigma^2 I)^{-1} (x - mu_k),
 
-        so D = x + sigma^2 score(x, sigma) (Tweedie: Robbins 1956; Efron 2011); x itself at sigma = 0."""
-        x64, s = self._prepare(x, sigma)
-        return (x64 - (s * s)[:, None] * self._precision_residual(x64, s)).to(self._out_dtype(x))
+        so D = x + sigma^2 score(x, sigma) (Tweedie: Robbins 1956; Efron 2011); x itself at sigma = 0.
+        At sigma = inf (zero SNR: x holds the unit noise, samplers' convention) the limit E[x0] = `mean`."""
+        x64, s = self._prepare(x, sigma, allow_inf=True)
+        inf = torch.isinf(s)
+        s = torch.where(inf, torch.zeros_like(s), s)
+        out = x64 - (s * s)[:, None] * self._precision_residual(x64, s)
+        return torch.where(inf[:, None], self.mean.to(x.device), out).to(self._out_dtype(x))
 
     __call__ = denoiser
 
@@ -241,15 +245,16 @@ class GaussianMixture:
             self._cache[key] = {n: (None if t is None else t.to(device)) for n, t in p.items()}
         return self._cache[key]
 
-    def _prepare(self, x: Tensor, sigma) -> tuple[Tensor, Tensor]:
-        """x as float64 (B, d); sigma as float64 (1,) or (B,), validated finite and >= 0."""
+    def _prepare(self, x: Tensor, sigma, allow_inf: bool = False) -> tuple[Tensor, Tensor]:
+        """x as float64 (B, d); sigma as float64 (1,) or (B,), validated finite (or inf if allow_inf) and >= 0."""
         if x.ndim != 2 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, {self.dim}), got {tuple(x.shape)}")
         s = torch.as_tensor(sigma, dtype=F64, device=x.device).reshape(-1)
         if s.numel() not in (1, x.shape[0]):
             raise ValueError(f"sigma must be a scalar or have {x.shape[0]} entries, got shape {tuple(s.shape)}")
-        if not bool((torch.isfinite(s) & (s >= 0)).all()):
-            raise ValueError(f"sigma must be finite and >= 0, got {s[~(torch.isfinite(s) & (s >= 0))][:3].tolist()}")
+        ok = (torch.isfinite(s) | (allow_inf & torch.isinf(s))) & (s >= 0)
+        if not bool(ok.all()):
+            raise ValueError(f"sigma must be finite{' or inf' if allow_inf else ''} and >= 0, got {s[~ok][:3].tolist()}")
         if s.numel() > 1 and bool((s == s[0]).all()):
             s = s[:1]  # one shared noise level: the sigma-dependent terms broadcast over the batch
         return x.to(F64), s

@@ -1,4 +1,4 @@
-"""Command line: `diffspace train | train-classifier | sample | edit | eval | compare | info | demo`.
+"""Command line: `diffspace train | train-classifier | reflow | sample | edit | eval | compare | info | demo`.
 Bad arguments exit 2 with a one-line message."""
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ def cmd_train(args, kind: str = "diffusion") -> int:
     return 0
 
 
+def cmd_reflow(args) -> int:
+    from .reflow import reflow
+
+    r = reflow(Path(args.run), Path(args.out), pairs=args.pairs, steps=args.steps, nfe=args.nfe, sampler=args.sampler or "",
+               seed=args.seed, overrides=args.overrides, progress=not args.quiet)
+    print(f"{args.pairs} (noise, sample) pairs by {r['plan'].sampler} at NFE {r['plan'].nfe} -> {r['pairs']}")
+    print(f"trained to step {r['steps']} in {r['seconds']:.1f} s -> {r['run_dir']}")
+    return 0
+
+
 def sample_settings(args, base):
     """The run's [sample] section with this command's sampling flags and --set sample.KEY=VALUE on top."""
     from .config import Config, apply_overrides
@@ -97,12 +107,17 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         raise ValueError(f"--n={args.n} must be >= 1")
     model, cfg, _ = load_model(Path(args.run))
-    s = sample(model, args.n, sample_settings(args, cfg.sample))
+    acceptance = []  # mala's share of kept proposals, per noise level
+    s = sample(model, args.n, sample_settings(args, cfg.sample),
+               callback=lambda info: acceptance.append(info["acceptance"]) if "acceptance" in info else None)
     out = Path(args.out) if args.out else _run_folder(args.run) / "samples" / "sample.png"
     save_samples(s.x, out, labels=s.labels)
     arrays = {"x": s.x.numpy(), **({"labels": s.labels.numpy()} if s.labels is not None else {})}
     np.savez(out.with_suffix(".npz"), **arrays)
     print(f"wrote {out} and {out.with_suffix('.npz')} ({s.describe()})")
+    if acceptance:
+        print(f"Metropolis-Hastings acceptance: mean {sum(acceptance) / len(acceptance):.3f} over {len(acceptance)} "
+              f"noise levels (first {acceptance[0]:.3f}, last {acceptance[-1]:.3f})")
     return 0
 
 
@@ -181,15 +196,21 @@ def cmd_eval(args) -> int:
     from .checkpoint import atomic_write_text
     from .evaluate import evaluate_model, markdown
     from .model import load_model
+    from .samplers import check_tolerances
 
-    if args.n < 2 or args.nll_samples < 0 or args.pf_ode_steps < 0:
+    if args.n < 2 or args.nll_samples < 0 or (args.pf_ode_steps or 0) < 0:
         raise ValueError(f"--n={args.n} must be >= 2, --nll-samples={args.nll_samples} and "
                          f"--pf-ode-steps={args.pf_ode_steps} >= 0")
+    if args.pf_ode_rtol is not None and args.pf_ode_steps is not None:
+        raise ValueError(f"--pf-ode-rtol={args.pf_ode_rtol:g} sets the adaptive solver; --pf-ode-steps="
+                         f"{args.pf_ode_steps} asks for fixed RK4 steps instead (give one of them)")
+    pf_ode_rtol = 1e-5 if args.pf_ode_rtol is None else args.pf_ode_rtol
+    check_tolerances(pf_ode_rtol, pf_ode_rtol)
     vlb_steps = tuple(int(k) for k in args.vlb_steps.split(",") if k.strip()) if args.vlb_steps else ()
     model, cfg, _ = load_model(args.run)
     result = evaluate_model(model, cfg, args.run, n=args.n, sample_cfg=sample_settings(args, cfg.sample),
                             nll_samples=args.nll_samples, pf_ode_steps=args.pf_ode_steps, vlb_steps=vlb_steps,
-                            inception=args.inception)
+                            inception=args.inception, vlb_variance=args.vlb_variance, pf_ode_rtol=pf_ode_rtol)
     folder = _run_folder(args.run)
     figures = eval_figures(result, folder)
     text = markdown(result) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
@@ -203,11 +224,14 @@ def cmd_eval(args) -> int:
 def eval_figures(result: dict, folder: Path) -> list[Path]:
     """The figures of `diffspace eval` in the run folder: samples (beside real data), the per-noise-level
     training loss, and the reverse process: 2-D paths over the data density, or the denoising sequence."""
+    import math
+
     import torch
 
     from . import plots
     from .analytic import MIXTURES
     from .data import MIXTURE_SPECS
+    from .evaluate import ode_sigma_range
     from .sampling import sample
 
     model, x, data = result["model"], result["samples"], result["data"]
@@ -220,8 +244,12 @@ def eval_figures(result: dict, folder: Path) -> list[Path]:
     plots.loss_per_noise_level_figure({"EMA model": model}, real[:256], paths[1])
     if data.kind == "points" and x.shape[1] == 2:
         mixture = MIXTURES[MIXTURE_SPECS[data.name]]() if data.name in MIXTURE_SPECS else None
+        # within the model's noise range (VE nets that predict in t: 0.02..100), less the factor sqrt(2)
+        # by which the SDE panel's churn raises sigma (Karras et al. 2022, Algorithm 2)
+        sigma_min, sigma_high = ode_sigma_range(model, sigma_max=math.inf)
         plots.reverse_trajectories(lambda z, s: model(z.float(), s.float()), paths[2], reference=real,
-                                   log_density=mixture.log_prob if mixture is not None else None)
+                                   log_density=mixture.log_prob if mixture is not None else None,
+                                   sigma_min=sigma_min, sigma_max=min(80.0, sigma_high / math.sqrt(2)))
     elif data.kind == "images":
         snapshots = []
         sample(model, 6, result["sample_cfg"],
@@ -272,15 +300,27 @@ def add_sampling_arguments(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .edit import MASKS
+    from .process import REVERSE_VARIANCES
 
     p = _Parser(prog="diffspace", description="The design space of diffusion models.")
-    sub = p.add_subparsers(dest="command", metavar="{train,train-classifier,sample,edit,eval,compare,info,demo}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{train,train-classifier,reflow,sample,edit,eval,compare,info,demo}", parser_class=_Parser)
     tr = sub.add_parser("train", help="train a model from a TOML config and section.key=value overrides")
     add_train_arguments(tr, "runs/train")
     tr.set_defaults(func=cmd_train)
     tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier p(y | x~, sigma) for classifier guidance")
     add_train_arguments(tc, "runs/classifier")
     tc.set_defaults(func=lambda args: cmd_train(args, kind="classifier"))
+    rf = sub.add_parser("reflow", help="rectified flow's reflow: (noise, sample) pairs of a run's ODE, a new run trained on them")
+    rf.add_argument("run", help="the run (folder or checkpoint) whose deterministic sampler makes the pairs")
+    rf.add_argument("overrides", nargs="*", help="section.key=value for the new run, e.g. train.lr=1e-3")
+    rf.add_argument("--out", required=True, help="the new run's folder (it holds pairs.npz, the pairs it trains on)")
+    rf.add_argument("--pairs", type=int, default=10_000, help="number of (noise, sample) pairs (default 10000)")
+    rf.add_argument("--steps", type=int, help="training steps of the new run (default: RUN's train.steps)")
+    rf.add_argument("--nfe", type=int, default=100, help="network evaluations per pair (default 100)")
+    rf.add_argument("--sampler", help="a deterministic sampler (default: RUN's, else the preset's solver)")
+    rf.add_argument("--seed", type=int, default=0, help="seed of the pairs' noise (default 0)")
+    rf.add_argument("--quiet", action="store_true", help="no progress bar")
+    rf.set_defaults(func=cmd_reflow)
     sa = sub.add_parser("sample", help="sample from a run folder or checkpoint to a PNG grid and .npz (x, labels)")
     sa.add_argument("run", help="run folder or checkpoint (.json/.safetensors)")
     sa.add_argument("--n", type=int, default=64, help="number of samples")
@@ -308,7 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
     ev.add_argument("--nll-samples", type=int, default=256, help="held-out samples for the likelihood (0: skip it)")
     ev.add_argument("--vlb-steps", default="0,100", help="chains for the VLB: 0 = full, K = respaced to K steps (default 0,100)")
-    ev.add_argument("--pf-ode-steps", type=int, default=32, help="RK4 steps of the probability-flow ODE NLL (0: skip it)")
+    ev.add_argument("--pf-ode-steps", type=int, metavar="K",
+                    help="probability-flow ODE NLL with K fixed RK4 steps instead of the adaptive solver (0: skip it)")
+    ev.add_argument("--pf-ode-rtol", type=float, metavar="TOL",
+                    help="rtol = atol of the adaptive (Dormand-Prince) probability-flow ODE NLL (default 1e-5)")
+    ev.add_argument("--vlb-variance", default="beta", choices=REVERSE_VARIANCES,
+                    help="fixed Sigma of the VLB: beta (Ho et al.'s code, beta~_2 at step 1; default), "
+                         "beta_plain (beta_1 there), beta_tilde")
     ev.add_argument("--inception", help="local FID Inception weights (pt_inception-2015-12-05-6726825d.pth) for FID on images")
     add_sampling_arguments(ev)
     ev.set_defaults(func=cmd_eval)
@@ -332,7 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)  # overrides may follow flags: train CFG --out R a.b=1
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 0

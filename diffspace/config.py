@@ -36,6 +36,8 @@ class ModelConfig:
     noise: str = ""  # "" = the preset's noise distribution; else a name in losses.NOISE_DISTRIBUTIONS ("importance": iDDPM's)
     objective: str = "weighted"  # "weighted" (the weighting above), "vlb" (the true bound) or "hybrid" (+ L_vlb, learned Sigma)
     hybrid_lambda: float = 0.001  # iDDPM's lambda on L_vlb in the hybrid objective
+    coupling: str = "independent"  # pairing of noise and data in a batch: "independent" or "ot" (exact minibatch OT, OT-CFM; meant for flow matching)
+    offset_noise: float = 0.0  # s of offset noise (Guttenberg 2023): eps + s n, n ~ N(0, 1) per sample and channel (0: off)
     class_conditional: bool = False
     label_dropout: float = 0.1  # classifier-free guidance: probability of training with the null label
     # network: a U-Net for images, an MLP for points
@@ -63,6 +65,7 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast for the network's forward pass
     compile: bool = False  # torch.compile the network
     seed: int = 0
+    init: str = ""  # a run folder or checkpoint whose EMA weights start a new run (reflow: the 1-RF model); "" = random
     device: str = "auto"  # auto: cuda if available
 
 

@@ -40,7 +40,9 @@ class Dataset:
     num_classes: number of label values (0 without labels); kind: 'points' or 'images';
     levels: the number of quantization levels of the values, x = 2k / (levels - 1) - 1 (256 for 8-bit
     images, 17 for the digits), or 0 for continuous data; likelihoods of quantized data are reported
-    in bits/dim of the discrete values (process.discretized_gaussian_log_likelihood)."""
+    in bits/dim of the discrete values (process.discretized_gaussian_log_likelihood); eps: float32 noise
+    of x's shape paired with x (reflow's (noise, sample) pairs: the loss trains on z_t = alpha_t x_i +
+    sigma_t eps_i instead of a fresh draw), or None."""
 
     x: Tensor = field(repr=False)
     labels: Tensor | None = field(default=None, repr=False)
@@ -48,6 +50,7 @@ class Dataset:
     name: str = ""
     kind: str = "points"
     levels: int = 0
+    eps: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.kind not in ("points", "images"):
@@ -56,6 +59,8 @@ class Dataset:
             raise ValueError(f"{self.kind} need x of ndim {2 if self.kind == 'points' else 4}, got shape {tuple(self.x.shape)}")
         if self.labels is not None and tuple(self.labels.shape) != (len(self.x),):
             raise ValueError(f"labels must have shape ({len(self.x)},), got {tuple(self.labels.shape)}")
+        if self.eps is not None and self.eps.shape != self.x.shape:
+            raise ValueError(f"paired noise eps must have the shape of x {tuple(self.x.shape)}, got {tuple(self.eps.shape)}")
 
     def __len__(self) -> int:
         return len(self.x)
@@ -78,8 +83,9 @@ class Dataset:
         return float(((x - x.mean()) ** 2).mean().sqrt())
 
     def subset(self, index: Tensor) -> "Dataset":
-        """The samples at `index` (a LongTensor), same name, kind and number of classes."""
-        return replace(self, x=self.x[index], labels=None if self.labels is None else self.labels[index])
+        """The samples at `index` (a LongTensor, with their labels and paired noise), same name, kind and number of classes."""
+        return replace(self, x=self.x[index], labels=None if self.labels is None else self.labels[index],
+                       eps=None if self.eps is None else self.eps[index])
 
     def split(self, test_fraction: float = 0.1, seed: int = 0) -> tuple["Dataset", "Dataset"]:
         """(train, test): a deterministic random split (same seed, same split), stratified by label.
@@ -335,18 +341,19 @@ def _to_mode(im, mode: str):
 
 
 def _load_array(path: Path) -> Dataset:
-    """A .npy array, or a .npz with key 'x' (or its only other array) and optional 'labels' / 'y'.
+    """A .npy array, or a .npz with key 'x' (or its only other array), optional 'labels' / 'y' and
+    optional 'eps', the noise paired with each sample (reflow.py's pairs file; float, the shape of x).
 
     Shapes: (N, d) -> points; (N, H, W) -> 1-channel images; (N, C, H, W) when C = shape[1] is 1 or 3
     (NCHW wins a tie), else (N, H, W, C) when shape[3] is 1 or 3. uint8 arrays are mapped from [0, 255]
     to [-1, 1] (x / 127.5 - 1); other numeric arrays are used as given (cast to float32), must be finite.
     Labels: N non-negative integers; num_classes = max + 1."""
-    y = None
+    y = eps = None
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
             label_keys = [k for k in ("labels", "y") if k in keys]
-            rest = [k for k in keys if k not in label_keys]
+            rest = [k for k in keys if k not in label_keys and k != "eps"]
             if "x" in keys:
                 key = "x"
             elif len(rest) == 1:
@@ -355,6 +362,7 @@ def _load_array(path: Path) -> Dataset:
                 raise ValueError(f"{path.name}: cannot tell the data array among keys {keys}; name it 'x'")
             a = z[key]
             y = z[label_keys[0]] if label_keys and label_keys[0] != key else None
+            eps = z["eps"] if "eps" in keys else None
     else:
         a = np.load(path, allow_pickle=False)
     if a.dtype.kind not in "biuf":
@@ -389,4 +397,9 @@ def _load_array(path: Path) -> Dataset:
             raise ValueError(f"{path.name}: labels must be non-negative integers, got dtype {y.dtype}")
         labels = torch.from_numpy(y.astype(np.int64))
         num_classes = int(labels.max()) + 1
-    return Dataset(x.contiguous(), labels, num_classes, path.stem, kind, levels=256 if a.dtype == np.uint8 else 0)
+    if eps is not None:
+        if eps.shape != tuple(x.shape) or eps.dtype.kind != "f" or not np.isfinite(eps).all():
+            raise ValueError(f"{path.name}: 'eps' (shape {eps.shape}, dtype {eps.dtype}) must be finite floats "
+                             f"of the data's shape {tuple(x.shape)}")
+        eps = torch.from_numpy(np.ascontiguousarray(eps).astype(np.float32))
+    return Dataset(x.contiguous(), labels, num_classes, path.stem, kind, levels=256 if a.dtype == np.uint8 else 0, eps=eps)

@@ -20,28 +20,29 @@ import math
 import torch
 
 from .parameterization import broadcast, check_parameterization, target
-from .schedules import VPSDE, DiscreteVP, Schedule, as_tensor, iddpm_sigmas
+from .schedules import VPSDE, DiscreteVP, Schedule, as_tensor, fmt, iddpm_sigmas
 
 Tensor = torch.Tensor
 
 
 # -- converting a weighting between loss spaces ---------------------------------------------------
-def _error_scale(name: str, t, schedule: Schedule) -> Tensor:
-    """k with (pred - target) = k * (x0_hat - x) for parameterization `name` at fixed z_t."""
+def _error_scale(name: str, t, schedule: Schedule) -> tuple[Tensor, int]:
+    """(c, m) with (pred - target) = alpha_t^m c (x0_hat - x) for parameterization `name` at fixed z_t;
+    the factor alpha^m is kept apart so that ratios stay exact at alpha_t = 0 (zero SNR)."""
     check_parameterization(name)
     t = as_tensor(t)
     alpha, sigma = schedule.alpha(t), schedule.sigma(t)
     if name == "x0":
-        return torch.ones_like(alpha)
+        return torch.ones_like(alpha), 0
     if name == "eps":
-        return -alpha / sigma
+        return -1 / sigma, 1
     if name == "score":
-        return alpha / sigma**2
+        return 1 / sigma**2, 1
     if name == "energy":
-        return -alpha / sigma**2
+        return -1 / sigma**2, 1
     if name == "v":
-        return -(alpha**2 + sigma**2) / sigma
-    return schedule.dalpha(t) - schedule.dsigma(t) * alpha / sigma  # flow
+        return -(alpha**2 + sigma**2) / sigma, 0
+    return schedule.dalpha(t) - schedule.dsigma(t) * alpha / sigma, 0  # flow
 
 
 def convert_weight(w, src: str, dst: str, t, schedule: Schedule) -> Tensor:
@@ -59,10 +60,17 @@ def convert_weight(w, src: str, dst: str, t, schedule: Schedule) -> Tensor:
     ("不同损失参数化之间本质是样本加权方式不同"; Salimans & Ho 2022, sec. 4; Kingma & Gao 2023), e.g. ||eps - eps_hat||^2 = (alpha^2/sigma^2) ||x - x_hat||^2, with one correction:
     the slide's eps-row / v-column entry reads 1/alpha^2, the right value is alpha^2, since
     eps_hat = sigma z + alpha v_hat gives ||eps - eps_hat||^2 = alpha^2 ||v - v_hat||^2.
-    t must lie where alpha_t, sigma_t > 0.
+    t must lie where sigma_t > 0. At alpha_t = 0 (zero terminal SNR, Lin et al. 2024) the eps,
+    score and energy errors vanish (factor alpha): a weight converted into them from x0, v or flow
+    would be infinite, and raises ValueError; every other conversion stays finite and exact
+    (the alpha factors of eps, score and energy cancel among themselves).
     """
-    scale_src, scale_dst = _error_scale(src, t, schedule), _error_scale(dst, t, schedule)
-    return as_tensor(w) * (scale_src / scale_dst) ** 2
+    (c_src, m_src), (c_dst, m_dst) = _error_scale(src, t, schedule), _error_scale(dst, t, schedule)
+    alpha = schedule.alpha(as_tensor(t))
+    if m_dst > m_src and bool((alpha == 0).any()):
+        raise ValueError(f"a {src}-space weight has no value in the {dst} loss space where alpha_t = 0 (zero SNR, "
+                         f"t={fmt(as_tensor(t)[alpha == 0])}): the {dst} error vanishes there; allowed: x0, v, flow")
+    return as_tensor(w) * (c_src / c_dst) ** 2 * alpha ** (2 * (m_src - m_dst))
 
 
 # -- weightings w(t) -------------------------------------------------------------------------------
@@ -73,15 +81,18 @@ def constant_weight(t, schedule: Schedule) -> Tensor:
 
 
 def vlb_weight(t, schedule: DiscreteVP, variance: str = "beta") -> Tensor:
-    """eps-space weight of DDPM's variational bound (Ho et al. 2020, eq. 12), discrete index t = 1..T:
+    """x0-space weight of DDPM's variational bound (Ho et al. 2020, eqs. 5-7), discrete index t = 1..T:
 
-        w_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha-bar_t)),   alpha_t = 1 - beta_t,
+        w_t = alpha-bar_{t-1} beta_t^2 / (2 sigma_t^2 (1 - alpha-bar_t)^2),
 
-    where sigma_t^2 is the fixed reverse variance: variance="beta" (sigma_t^2 = beta_t) or
-    "beta_tilde" (sigma_t^2 = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) beta_t, eq. 7).
-    For t >= 2 this makes L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) equal
-    w_t ||eps - eps_hat||^2 + const; at t = 1 it is the Gaussian decoder's -log p(x_0|x_1) + const
-    (then beta_tilde_1 = 0 would give an infinite weight and is refused).
+    the squared x0-coefficient of the posterior mean mu~_t (eq. 7) over 2 sigma_t^2, where sigma_t^2 is
+    the fixed reverse variance: variance="beta" (sigma_t^2 = beta_t) or "beta_tilde" (sigma_t^2 =
+    (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) beta_t, eq. 7). In eps space (convert_weight) this is
+    eq. 12's beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha-bar_t)), alpha_t = 1 - beta_t. For t >= 2 this
+    makes L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) equal w_t ||x - x_hat||^2 + const; at t = 1
+    it is the Gaussian decoder's -log p(x_0|x_1) + const (then beta_tilde_1 = 0 would give an infinite
+    weight and is refused). Stated in x0 space it stays finite at beta_T = 1 (zero terminal SNR),
+    where eq. 12's eps-space form is infinite.
     """
     if not isinstance(schedule, DiscreteVP):
         raise ValueError(f"the VLB weight needs a DiscreteVP chain, got {schedule!r}")
@@ -96,7 +107,7 @@ def vlb_weight(t, schedule: DiscreteVP, variance: str = "beta") -> Tensor:
     i = i.long()
     beta, abar = schedule.betas[i - 1], schedule.alphas_bar
     var = beta if variance == "beta" else (1 - abar[i - 1]) / (1 - abar[i]) * beta
-    return beta**2 / (2 * var * (1 - beta) * (1 - abar[i]))
+    return abar[i - 1] * beta**2 / (2 * var * (1 - abar[i]) ** 2)
 
 
 def snr_weight(t, schedule: Schedule) -> Tensor:
@@ -108,7 +119,8 @@ def snr_weight(t, schedule: Schedule) -> Tensor:
 def min_snr_weight(t, schedule: Schedule, gamma: float = 5.0) -> Tensor:
     """x0-space weight min(SNR(t), gamma) (Hang et al. 2023, 'Efficient Diffusion Training via
     Min-SNR Weighting Strategy'; gamma = 5).
-    In eps-space this is min(SNR, gamma) / SNR; in VP v-space min(SNR, gamma) / (SNR + 1)."""
+    In eps-space this is min(SNR, gamma) / SNR; in VP v-space min(SNR, gamma) / (SNR + 1), which is 0
+    at zero SNR (not NaN: diffusers issue #9451; the eps-space form is 0 / 0 there)."""
     if not gamma > 0:
         raise ValueError(f"gamma={gamma} must be > 0")
     return torch.clamp(snr_weight(t, schedule), max=gamma)
@@ -122,7 +134,7 @@ def edm_weight(t, schedule: Schedule, sigma_data: float | None = None) -> Tensor
     if not sigma_data > 0:
         raise ValueError(f"sigma_data={sigma_data} must be > 0")
     sigma = schedule.sigma_tilde(t)
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    return 1 / sigma**2 + 1 / sigma_data**2  # = 1 / sigma_data^2 at sigma = inf
 
 
 def inverse_sigma2_weight(t, schedule: Schedule) -> Tensor:
@@ -132,7 +144,7 @@ def inverse_sigma2_weight(t, schedule: Schedule) -> Tensor:
 
 
 constant_weight.space = "eps"
-vlb_weight.space = "eps"
+vlb_weight.space = "x0"
 snr_weight.space = "x0"
 min_snr_weight.space = "x0"
 edm_weight.space = "x0"

@@ -21,6 +21,7 @@ import torch
 from . import checkpoint as ckpt
 from . import losses, process
 from .config import Config, ModelConfig
+from .coupling import COUPLINGS, draw_noise
 from .parameterization import PARAMETERIZATIONS, broadcast, target, to_x0
 from .precond import ConditionedInput, Denoiser, ParameterizedDenoiser, per_sample
 from .presets import Preset, get_preset
@@ -62,19 +63,31 @@ class Diffusion(torch.nn.Module):
     discrete chain (the ddpm or iddpm preset). `levels` is the data's number of quantization levels
     (0: continuous), which picks the decoder of L_0. noise="importance" draws the step by the loss's
     second moment and reweights it (losses.ImportanceSampler; Nichol & Dhariwal 2021, eq. 18).
+    `coupling` pairs the drawn noise with the batch ('independent', or 'ot': the exact minibatch OT
+    assignment of OT-CFM, meant for flow matching) and `offset_noise` = s adds s n per sample and
+    channel to it (Guttenberg 2023); both in coupling.py.
     """
 
     def __init__(self, F: torch.nn.Module, preset: Preset, parameterization: str = "precond",
                  weighting: str = "", weighting_space: str = "", noise: str = "", objective: str = "weighted",
-                 hybrid_lambda: float = 0.001, levels: int = 0, shape: tuple = (), num_classes: int = 0):
+                 hybrid_lambda: float = 0.001, levels: int = 0, shape: tuple = (), num_classes: int = 0,
+                 coupling: str = "independent", offset_noise: float = 0.0):
         super().__init__()
         self.shape, self.num_classes = tuple(shape), num_classes  # per-sample data shape; classes (0: unconditional)
         if parameterization != "precond" and parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization={parameterization!r}; allowed: precond, {', '.join(PARAMETERIZATIONS)}")
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r}; allowed: {', '.join(OBJECTIVES)}")
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling={coupling!r}; allowed: {', '.join(COUPLINGS)}")
+        if not (offset_noise >= 0 and math.isfinite(offset_noise)):  # NaN fails the first test
+            raise ValueError(f"offset_noise={offset_noise!r} must be a finite number >= 0 (0: off)")
+        self.coupling, self.offset_noise = coupling, float(offset_noise)
         self.preset, self.parameterization = preset, parameterization
         self.schedule = preset.training_schedule
+        if parameterization in ("eps", "score", "energy") and getattr(self.schedule, "zero_terminal_snr", False):
+            raise ValueError(f"parameterization={parameterization!r} cannot give x0 at the zero terminal SNR of preset "
+                             f"{preset.name!r} (x0 = (z - sigma eps) / alpha, alpha_T = 0); allowed: precond, x0, v, flow")
         self.objective, self.hybrid_lambda, self.levels = objective, hybrid_lambda, levels
         self.learned_variance = objective == "hybrid"
         if objective != "weighted" and not isinstance(self.schedule, DiscreteVP):
@@ -107,11 +120,20 @@ class Diffusion(torch.nn.Module):
             raise ValueError("model.class_conditional=true needs labelled data (this data set has no labels)")
         F = build_network(cfg, shape, classes, 2 if cfg.objective == "hybrid" else 1)
         return cls(F, get_preset(cfg.preset), cfg.parameterization, cfg.weighting, cfg.weighting_space, cfg.noise,
-                   cfg.objective, cfg.hybrid_lambda, levels, shape, classes)
+                   cfg.objective, cfg.hybrid_lambda, levels, shape, classes, cfg.coupling, cfg.offset_noise)
 
     def forward(self, x: Tensor, sigma, labels: Tensor | None = None) -> Tensor:
         """D(x~, sigma, labels) -> x0_hat (the samplers' interface; labels None or num_classes: the null label)."""
         return self.denoiser(x, sigma, labels)
+
+    def energy(self, x: Tensor, sigma, labels: Tensor | None = None) -> Tensor:
+        """E(x~, sigma, labels) of an energy model (parameterization 'energy'), shape (B,): -log p(x~)
+        up to a constant per noise level (precond.ParameterizedDenoiser.energy), with -grad E the
+        score that D uses; the `energy` that samplers.mala needs for its Metropolis-Hastings test."""
+        if self.parameterization != "energy":
+            raise ValueError(f"model.parameterization={self.parameterization!r} has no energy: only 'energy' models give "
+                             "log p (train with model.parameterization=energy)")
+        return self.denoiser.energy(x, sigma, labels)
 
     @property
     def network(self) -> torch.nn.Module:
@@ -137,18 +159,24 @@ class Diffusion(torch.nn.Module):
         return losses.weighting(self.weighting, tt, self.schedule, space=space,
                                 defined_in=self.weighting_space or None, **self.weighting_kwargs)
 
-    def loss(self, x: Tensor, labels: Tensor | None, generator: torch.Generator, t: Tensor | None = None) -> Tensor:
+    def loss(self, x: Tensor, labels: Tensor | None, generator: torch.Generator, t: Tensor | None = None,
+             eps: Tensor | None = None) -> Tensor:
         """Per-sample weighted loss of Algorithm 1 (shape (B,)); t (B,) in the training schedule's
-        time is drawn from the noise distribution unless given (e.g. to measure the loss per level)."""
+        time is drawn from the noise distribution unless given (e.g. to measure the loss per level);
+        eps (shape of x) is drawn and paired with x as the coupling and offset noise say
+        (coupling.draw_noise) unless given: then eps_i is the noise of x_i as it is (reflow's pairs)."""
         importance = None
         if t is None and isinstance(self.noise, losses.ImportanceSampler):
             t, importance = self.noise.sample(x.shape[0], self.schedule, generator=generator, device=x.device)
         elif t is None:
             t = self.noise(x.shape[0], self.schedule, generator=generator, device=x.device)
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        if eps is None:
+            eps = draw_noise(x, generator, self.coupling, self.offset_noise)
         if self.parameterization == "precond":  # Karras et al. 2022, eq. 2 with lambda(sigma)
             sigma = self.schedule.sigma_tilde(t)
-            pred = self(x + broadcast(sigma, x) * eps, sigma.to(x.dtype), labels)
+            s = broadcast(sigma, x)
+            noisy = torch.where(torch.isinf(s), eps, x + s * eps)  # x~, or eps at SNR 0 (samplers' convention)
+            pred = self(noisy, sigma.to(x.dtype), labels)
             goal, w, x0_hat = x, self._weight(t, "x0"), pred
         else:  # the (z_t, t) form, loss in the parameterization's own space
             alpha, sig = self.schedule.alpha(t), self.schedule.sigma(t)
@@ -172,9 +200,10 @@ class Diffusion(torch.nn.Module):
     def _vlb_term(self, x: Tensor, eps: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None) -> Tensor:
         """T L_{i-1} in bits/dim at the drawn steps i = tT (Ho et al. 2020, eq. 5: an unbiased estimate of
         the bound but for the constant L_T), the mean from x0_hat and the reverse variance learned
-        from v or, v = None, fixed to beta. In the hybrid objective x0_hat comes detached (Nichol &
-        Dhariwal 2021; their code scales the term by T/1000 with lambda = 0.001, the same as lambda T
-        here at T = 1000)."""
+        from v or, v = None, fixed to beta as Ho et al.'s code has it (process.reverse_variance "beta":
+        beta~_2 at step 1, the bound `diffspace eval` reports by default). In the hybrid objective
+        x0_hat comes detached (Nichol & Dhariwal 2021; their code scales the term by T/1000 with
+        lambda = 0.001, the same as lambda T here at T = 1000)."""
         chain = self.schedule
         i = torch.round(t * chain.T).long().clamp(1, chain.T)
         z, _ = process.q_sample(x.double(), chain.discrete_t(i), chain, eps=eps.double())

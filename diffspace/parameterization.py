@@ -78,21 +78,32 @@ def to_x0(pred: Tensor, name: str, z: Tensor, t, schedule: Schedule) -> Tensor:
     flow:   x = (sigma u - sigma' z) / (alpha' sigma - alpha sigma')
             (from u = alpha' x + sigma' eps and eps = (z - alpha x) / sigma; the denominator is
              alpha sigma lambda'_t / 2, non-zero wherever the log-SNR is strictly monotone)
+
+    At zero SNR (alpha_t = 0, Lin et al. 2024) x0, v (x = -v / sigma) and flow (x = u / alpha') still
+    give x0; eps, score and energy do not (z = sigma eps holds no x): ValueError, never inf or NaN.
     """
     check_parameterization(name)
     if name == "x0":
         return pred
     if name == "flow":
         alpha, sigma, dalpha, dsigma = coefficients(schedule, t, z, derivatives=True)
-        return (sigma * pred - dsigma * z) / (dalpha * sigma - alpha * dsigma)
+        return _over(sigma * pred - dsigma * z, dalpha * sigma - alpha * dsigma, name)
     alpha, sigma = coefficients(schedule, t, z)
     if name == "eps":
-        return (z - sigma * pred) / alpha
+        return _over(z - sigma * pred, alpha, name)
     if name == "score":
-        return (z + sigma**2 * pred) / alpha
+        return _over(z + sigma**2 * pred, alpha, name)
     if name == "energy":
-        return (z - sigma**2 * pred) / alpha
+        return _over(z - sigma**2 * pred, alpha, name)
     return (alpha * z - sigma * pred) / (alpha**2 + sigma**2)  # v
+
+
+def _over(numerator: Tensor, denominator: Tensor, name: str) -> Tensor:
+    """numerator / denominator of `to_x0`; ValueError where the denominator is 0 (x0 undetermined)."""
+    if bool((denominator == 0).any()):
+        why = "alpha' sigma = alpha sigma'" if name == "flow" else "alpha_t = 0: zero SNR, where x0, v and flow still do"
+        raise ValueError(f"parameterization {name!r} does not determine x0 where {why}")
+    return numerator / denominator
 
 
 def from_x0(x0: Tensor, name: str, z: Tensor, t, schedule: Schedule) -> Tensor:

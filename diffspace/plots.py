@@ -256,11 +256,11 @@ def _draw_paths(ax, paths: torch.Tensor, levels: torch.Tensor):
 
 def reverse_trajectories(denoiser, path: Path, *, log_density=None, reference=None, n: int = 32,
                          sigma_max: float = 80.0, steps: int = 18, churn: float = 40.0, seed: int = 0,
-                         device="cpu") -> Path:
+                         device="cpu", sigma_min: float = 0.002) -> Path:
     """Reverse-process paths of n particles of 2-D data, from the same noise x = sigma_max * N(0, I):
     left, the probability-flow ODE (Heun, Karras et al. 2022 Algorithm 1); right, the stochastic
     EDM sampler (Algorithm 2, S_churn = `churn`, plain Heun at churn = 0); both on the EDM grid with
-    `steps` levels (samplers.get_sigmas('edm', steps, sigma_max=...)). States are collected through the
+    `steps` levels (samplers.get_sigmas('edm', steps, sigma_min=..., sigma_max=...)). States are collected through the
     samplers' callback (`trajectory`) and drawn in VP-scaled coordinates x / sqrt(1 + sigma^2)
     (`vp_scaled`), so that the start (unit Gaussian noise) and the data share the axes. Behind the
     paths: filled contours of log_density(points) (e.g. an analytic mixture's log_prob) if given, else
@@ -268,7 +268,7 @@ def reverse_trajectories(denoiser, path: Path, *, log_density=None, reference=No
     taking float32 points on `device`."""
     plt = _pyplot()
     g = torch.Generator(device=device).manual_seed(seed)
-    sigmas = get_sigmas("edm", steps, sigma_max=sigma_max)
+    sigmas = get_sigmas("edm", steps, sigma_min=sigma_min, sigma_max=sigma_max)
     x = sigma_max * torch.randn(n, 2, generator=g, device=device)
     runs = [(f"ODE: heun, {sampler_nfe('heun', steps)} NFE", trajectory("heun", denoiser, x, sigmas)),
             (f"SDE: edm_sde, S_churn = {churn:g}, {sampler_nfe('edm_sde', steps)} NFE",
@@ -303,6 +303,7 @@ def noise_levels(model, n_levels: int, logsnr_range: tuple[float, float] | None 
     sch = model.schedule
     if logsnr_range is None:
         lam = sch.logsnr(model.noise(draws, sch, generator=torch.Generator().manual_seed(0)))
+        lam = lam[torch.isfinite(lam)]  # zero terminal SNR's lambda = -inf is no point of the axis
         low, high = float(lam.min()), float(lam.max())
     else:
         low, high = _logsnr_bounds(sch, *logsnr_range)

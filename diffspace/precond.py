@@ -16,9 +16,18 @@ sigma~ a scalar or of shape (B,) (one level per sample). Two ways to build one:
 
 Both are exact re-writings of the same models: e.g. the VP preconditioner is the eps-predictor
 on the VP-SDE schedule fed c_noise = (M - 1) t.
+
+Zero SNR (sigma~ = inf, Lin et al. 2024): x~ is infinite there, and by the samplers' convention
+(samplers module) the state handed over holds the unit noise eps = lim x~ / sigma~ instead (= z_T
+of a VP chain with alpha-bar_T = 0). So a preconditioner returns at sigma = inf the limits of
+c_skip sigma and c_in sigma (what multiplies eps) and of c_out and c_noise, and raises ValueError
+where one diverges (the eps-predicting VP / iDDPM / VE columns: c_out = -+sigma; EDM: c_noise =
+ln(sigma) / 4); `ParameterizedDenoiser` feeds z_t = sigma_t eps there.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -45,16 +54,31 @@ class Preconditioner:
     """c_skip, c_out, c_in, c_noise of a noise level sigma (Karras et al. 2022, eq. 7, Table 1).
 
     `precond(sigma)` checks sigma and returns the four coefficients, each shaped like sigma;
-    `formulas` holds them as text (the table's rows). Subclasses give `_coefficients`.
+    `formulas` holds them as text (the table's rows). Subclasses give `_coefficients` and, if they
+    have one, `_at_infinity`: the limits (c_skip sigma, c_out, c_in sigma, c_noise) as sigma -> inf,
+    returned where sigma = inf (the state there holds eps, see the module docstring).
     """
 
     formulas: dict[str, str] = {}
 
     def __call__(self, sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self._coefficients(check_sigma(sigma))
+        sigma = check_sigma(sigma)
+        at_inf = torch.isinf(sigma)
+        if not bool(at_inf.any()):
+            return self._coefficients(sigma)
+        limits = self._at_infinity()
+        if limits is None:
+            raise ValueError(f"sigma=inf (zero SNR) is not allowed with {self!r}: its c_out or c_noise diverges "
+                             "there; allowed: a v-, x0- or flow-predicting preconditioner (e.g. the ztsnr preset)")
+        finite = self._coefficients(torch.where(at_inf, torch.ones_like(sigma), sigma))
+        return tuple(torch.where(at_inf, torch.full_like(c, lim), c) for c, lim in zip(finite, limits))
 
     def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
+
+    def _at_infinity(self) -> tuple[float, float, float, float] | None:
+        """(c_skip sigma, c_out, c_in sigma, c_noise) as sigma -> inf; None where one diverges."""
+        return None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not isinstance(v, Tensor))
@@ -81,6 +105,29 @@ class VPPrecond(Preconditioner):
     def _coefficients(self, sigma):
         one = torch.ones_like(sigma)
         return one, -sigma, 1 / torch.sqrt(sigma**2 + 1), (self.M - 1) * self.schedule.t_from_sigma_tilde(sigma)
+
+
+class VPredPrecond(VPPrecond):
+    """v-prediction (Salimans & Ho 2022, sec. 4) in the form of Table 1 on a VP schedule: F(z_t) predicts
+    v = alpha_t eps - sigma_t x, and x = alpha_t z_t - sigma_t v with alpha_t = 1 / sqrt(1 + sigma^2),
+    sigma_t = sigma alpha_t, z_t = alpha_t x~ gives
+
+        c_skip = 1 / (sigma^2 + 1),  c_out = -sigma / sqrt(sigma^2 + 1),  c_in = 1 / sqrt(sigma^2 + 1),
+        c_noise = (M - 1) sigma^{-1}(sigma) as in VPPrecond (the schedule's own time).
+
+    The first three are EDM's with sigma_data = 1 but for the sign of F (EDM's F is -v); EDM's
+    c_noise = ln(sigma) / 4 would diverge at sigma = inf, this one is M - 1 there. At zero SNR
+    (sigma -> inf: c_skip sigma -> 0, c_out -> -1, c_in sigma -> 1) D = -F(eps): x0 = -v (Lin et al. 2024, sec. 3.2)."""
+
+    formulas = dict(c_skip="1/(sigma^2+1)", c_out="-sigma/sqrt(sigma^2+1)", c_in="1/sqrt(sigma^2+1)",
+                    c_noise="(M-1) sigma^-1(sigma)")
+
+    def _coefficients(self, sigma):
+        c_in = 1 / torch.sqrt(sigma**2 + 1)
+        return c_in**2, -sigma * c_in, c_in, (self.M - 1) * self.schedule.t_from_sigma_tilde(sigma)
+
+    def _at_infinity(self):
+        return 0.0, -1.0, 1.0, (self.M - 1) * float(self.schedule.t_from_sigma_tilde(math.inf))
 
 
 class VEPrecond(Preconditioner):
@@ -146,6 +193,9 @@ class FlowPrecond(Preconditioner):
     def _coefficients(self, sigma):
         return 1 / (1 + sigma), -sigma / (1 + sigma), 1 / (1 + sigma), sigma / (1 + sigma)
 
+    def _at_infinity(self):
+        return 1.0, -1.0, 1.0, 1.0  # t = 1: z_1 = eps, x = z - u
+
 
 # -- denoisers ---------------------------------------------------------------------------------------
 class Denoiser(torch.nn.Module):
@@ -185,8 +235,10 @@ class ParameterizedDenoiser(torch.nn.Module):
 
     def forward(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
         """Extra arguments (e.g. class labels) are passed on to the net."""
-        t = self.schedule.t_from_sigma_tilde(per_sample(sigma, x))
-        z = broadcast(self.schedule.alpha(t), x) * x
+        sigma = per_sample(sigma, x)
+        t = self.schedule.t_from_sigma_tilde(sigma)
+        # z_t = alpha_t x~; at sigma~ = inf (alpha_t = 0) x holds eps and z_t = sigma_t eps
+        z = broadcast(torch.where(torch.isinf(sigma), self.schedule.sigma(t), self.schedule.alpha(t)), x) * x
         return to_x0(self.predict(z, t, *args, **kwargs), self.parameterization, z, t, self.schedule)
 
     def predict(self, z: Tensor, t: Tensor, *args, **kwargs) -> Tensor:
@@ -197,6 +249,21 @@ class ParameterizedDenoiser(torch.nn.Module):
             return -score_from_energy(energy, z, t_in, create_graph=torch.is_grad_enabled())
         return self.net(z, t_in, *args, **kwargs)
 
+    def energy(self, x: Tensor, sigma, *args, **kwargs) -> Tensor:
+        """The energy of the scale-free x~ at sigma~ (parameterization "energy"), shape (B,):
+
+            E(x~) = E_net(alpha_t x~, t) = -log p(x~) + d log alpha_t + const,
+
+        since p(x~) = alpha_t^d p_t(alpha_t x~) (x~ = z_t / alpha_t in d dimensions) and E_net = -log p_t
+        + const. The extra d log alpha_t (0 for VE/EDM, alpha = 1) is constant at one noise level, so
+        it cancels in a Metropolis-Hastings ratio at that level; -grad_x~ E = alpha_t (-grad_z E_net)
+        is the score of x~, the one this denoiser's D uses."""
+        if self.parameterization != "energy":
+            raise ValueError(f"parameterization {self.parameterization!r} has no energy; only 'energy' nets give one")
+        t = self.schedule.t_from_sigma_tilde(per_sample(sigma, x))
+        z = broadcast(self.schedule.alpha(t), x) * x
+        return self.net(z, t if self.time_input is None else self.time_input(t), *args, **kwargs)
+
 
 class ConditionedInput(torch.nn.Module):
     """Feeds a raw network F the well-scaled input of a preconditioner, in the (z_t, t) form:
@@ -205,7 +272,8 @@ class ConditionedInput(torch.nn.Module):
 
     so a net trained to predict eps, v, flow, ... on any schedule sees unit-variance inputs
     (Karras et al. 2022, sec. 5) and the preset's noise conditioning. For VP schedules
-    c_in(sigma~) = alpha_t, i.e. F sees z_t itself.
+    c_in(sigma~) = alpha_t, i.e. F sees z_t itself. At alpha_t = 0 (zero SNR) c_in is the limit of
+    c_in sigma~ (Preconditioner) and multiplies eps = z_t / sigma_t.
     """
 
     def __init__(self, F, precond: Preconditioner, schedule: Schedule):
@@ -216,4 +284,5 @@ class ConditionedInput(torch.nn.Module):
         t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
         _, _, c_in, c_noise = self.precond(per_sample(sigma / alpha, z))
-        return self.F(broadcast(c_in / alpha, z) * z, c_noise, *args, **kwargs)
+        state = torch.where(alpha == 0, sigma, alpha)  # z_t / state: x~, or eps at zero SNR
+        return self.F(broadcast(c_in / state, z) * z, c_noise, *args, **kwargs)

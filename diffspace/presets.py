@@ -1,5 +1,5 @@
-"""The columns of Karras et al. (2022), Table 1 (VP, VE, iDDPM + DDIM, EDM), plus DDPM (Ho et al. 2020)
-and rectified flow (Liu et al. 2023), each as data and as ready objects.
+"""The columns of Karras et al. (2022), Table 1 (VP, VE, iDDPM + DDIM, EDM), plus DDPM (Ho et al. 2020),
+rectified flow (Liu et al. 2023) and zero terminal SNR (Lin et al. 2024), each as data and as ready objects.
 
 A `Preset` stores every number once in `params`; its schedules and preconditioner are built from
 those numbers. Samplers, time-step grids, noise distributions and loss weightings are named by
@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from . import schedules as S
-from .precond import Denoiser, EDMPrecond, FlowPrecond, IDDPMPrecond, Preconditioner, VEPrecond, VPPrecond
+from .precond import Denoiser, EDMPrecond, FlowPrecond, IDDPMPrecond, Preconditioner, VEPrecond, VPPrecond, VPredPrecond
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,6 +37,7 @@ class Preset:
     text                 the remaining rows as formulas (time steps, schedule, scaling, noise, weighting)
     solver_options       options the column gives a sampler, by sampler name: Table 1's VP and VE
                          columns integrate the ODE in their own time t (euler / heun `schedule=`)
+    time_step_options    what the time-step rule takes beside numbers (the 'ddpm' grid's chain, spacing)
     """
 
     name: str
@@ -56,6 +57,7 @@ class Preset:
     weighting_space: str
     text: Mapping[str, str]
     solver_options: Mapping[str, Mapping] = field(default_factory=lambda: MappingProxyType({}))
+    time_step_options: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
 
     def __deepcopy__(self, memo) -> "Preset":
         return self  # immutable: a model copied for its EMA shares its preset
@@ -66,7 +68,7 @@ class Preset:
     @property
     def time_step_kwargs(self) -> dict[str, float]:
         """Parameters of the time-step rule, e.g. samplers.get_sigmas(p.time_steps, N, **p.time_step_kwargs)."""
-        return self._pick(self.time_step_params)
+        return {**self._pick(self.time_step_params), **self.time_step_options}
 
     @property
     def noise_kwargs(self) -> dict[str, float]:
@@ -211,8 +213,35 @@ def _rectified_flow() -> Preset:
     )
 
 
+def _ztsnr() -> Preset:
+    """Lin et al. (2024): DDPM's linear chain rescaled to zero terminal SNR (their Algorithm 1), sampled
+    from pure noise at sigma = inf with trailing time steps (their Table 2) and DDIM, v-prediction.
+    Weighting: constant on the v error, Lin et al.'s v loss; its x0-space weight 1 + SNR stays 1 at
+    SNR 0, where the net must learn x0 = -v = E[x0 | pure noise] for the sampler's first step. (L_simple,
+    constant on eps, puts x0-weight SNR = 0 there; min-SNR-v, min(SNR, 5) / (SNR + 1), also 0:
+    neither would train that step.)"""
+    p = dict(T=1000, beta_start=1e-4, beta_end=0.02)
+    chain = S.rescale_zero_terminal_snr(S.ddpm_linear(p["T"], p["beta_start"], p["beta_end"]))
+    return Preset(
+        "ztsnr", "Lin et al. 2024 (zero terminal SNR, v-prediction, trailing DDIM)", MappingProxyType(p),
+        solver="ddim", time_steps="ddpm", time_step_params=("T",),
+        time_step_options=MappingProxyType({"schedule": chain, "spacing": "trailing"}),
+        schedule=chain, training_schedule=chain, precond=VPredPrecond(chain, p["T"]), architecture="any",
+        noise="discrete-uniform", noise_params=(),
+        weighting="constant", weighting_params=(), weighting_space="v",
+        text=MappingProxyType({
+            "time steps": "trailing: i = round(T - j T/N), j = 0..N-1, from i = T (sigma = inf, x = eps)",
+            "schedule": "sigma(t) = sqrt(1/abar_(tT) - 1), sqrt(abar) of the linear betas shifted to 0 at T, "
+                        "scaled to keep abar_1",
+            "scaling": "s(t) = sqrt(abar_(tT)), 0 at t = 1",
+            "noise": "i ~ U{1, T} (i = T: SNR 0), t = i/T",
+            "weighting": "1 on (v - v_hat)^2, v = alpha eps - sigma x (x0 space: 1 + SNR)",
+        }),
+    )
+
+
 PRESETS: Mapping[str, Preset] = MappingProxyType(
-    {p.name: p for p in (_vp(), _ve(), _iddpm(), _edm(), _ddpm(), _rectified_flow())}
+    {p.name: p for p in (_vp(), _ve(), _iddpm(), _edm(), _ddpm(), _rectified_flow(), _ztsnr())}
 )
 
 

@@ -20,7 +20,7 @@ from .schedules import DiscreteVP, Schedule, fmt, as_tensor
 
 Tensor = torch.Tensor
 
-REVERSE_VARIANCES = ("beta", "beta_tilde")
+REVERSE_VARIANCES = ("beta", "beta_plain", "beta_tilde")
 DECODERS = ("discretized", "gaussian")
 
 
@@ -96,22 +96,32 @@ def beta_tilde(schedule: DiscreteVP) -> Tensor:
 
 
 def reverse_variance(schedule: DiscreteVP, kind: str) -> Tensor:
-    """The fixed reverse variances sigma_t^2, t = 1..T, of Ho et al. (2020, sec. 3.2):
-    "beta" (sigma_t^2 = beta_t) or "beta_tilde" (sigma_t^2 = beta~_t). Since beta~_1 = 0 would
-    make the decoder p(x_0 | x_1) degenerate, "beta_tilde" uses beta~_2 at t = 1, as Ho et al.'s
-    code (`posterior_log_variance_clipped`) and Nichol & Dhariwal (2021) do."""
+    """The fixed reverse variances sigma_t^2, t = 1..T, of Ho et al. (2020, sec. 3.2), sigma_t^2 =
+    beta_t or beta~_t, with the value at t = 1 (the decoder p(x_0 | x_1)'s) as Ho et al.'s code sets it:
+
+    * "beta": beta~_2 at t = 1, beta_t for t >= 2: their code's 'fixedlarge' (diffusion_utils_2.py,
+      "to get a better decoder log likelihood"; improved-diffusion's FIXED_LARGE), the default of their
+      CIFAR-10 script (scripts/run_cifar.py), whose bits/dim evaluation computes the bound with it:
+      the convention of the paper's reported bounds, and so the default here;
+    * "beta_plain": beta_t for every t, beta_1 at t = 1: sec. 3.2's text taken literally. On continuous
+      data (a Gaussian decoder) it is the tighter one, as beta_1 ~ Var(x_0 | x_1) there;
+    * "beta_tilde": beta~_t, with beta~_2 at t = 1 (beta~_1 = 0 would make the decoder degenerate):
+      their code's 'fixedsmall' (`posterior_log_variance_clipped`), improved-diffusion's FIXED_SMALL.
+    """
     if kind not in REVERSE_VARIANCES:
         raise ValueError(f"unknown reverse variance {kind!r}; allowed: {', '.join(REVERSE_VARIANCES)}")
-    if kind == "beta":
-        return _check_chain(schedule).betas
-    bt = beta_tilde(schedule)
-    return torch.cat([bt[1:2] if schedule.T > 1 else schedule.betas[:1], bt[1:]])
+    betas = _check_chain(schedule).betas
+    if kind == "beta_plain":
+        return betas
+    first = beta_tilde(schedule)[1:2] if schedule.T > 1 else betas[:1]
+    return torch.cat([first, (betas if kind == "beta" else beta_tilde(schedule))[1:]])
 
 
 def learned_variance(v: Tensor, i, schedule: DiscreteVP) -> Tensor:
     """A learned reverse variance at steps i: Sigma = exp(v log beta_t + (1 - v) log beta~_t), v in
     [0, 1] elementwise, interpolating the two fixed choices in log space (Nichol & Dhariwal 2021,
-    eq. 15); beta~ is `reverse_variance`'s (beta~_2 at t = 1)."""
+    eq. 15); beta~ is `reverse_variance`'s (beta~_2 at t = 1), beta_t is beta_1 at t = 1 as in
+    improved-diffusion (so v = 1 is "beta_plain")."""
     i = _check_index(i, _check_chain(schedule))
     log_beta = broadcast(torch.log(schedule.betas).to(v.device)[i - 1], v)
     log_tilde = broadcast(torch.log(reverse_variance(schedule, "beta_tilde")).to(v.device)[i - 1], v)

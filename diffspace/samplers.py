@@ -19,6 +19,24 @@ and every step that lands on sigma = 0 is the denoising step x <- D(x, sigma) (t
 unless a sampler's docstring says otherwise. Step coefficients are computed in float64 (Python
 floats); the state keeps the dtype of ``x``.
 
+A grid may start at sigma = inf (zero terminal SNR, Lin et al. 2024: a VP chain with alpha-bar_T = 0).
+The scale-free state is infinite there, so by convention the state handed over holds the unit noise
+eps = lim x / sigma (= z_T of the chain), and D(eps, inf) is the model's x0 from pure noise (the data
+mean E[x0] for the exact denoiser; -v for v-prediction). Every sampler in SAMPLERS takes such a grid:
+`step_from_infinity` takes the first step, the limit sigma -> inf of the common step
+x_next = D + (sigma_down / sigma)(x - D) + sigma_up z with DDIM's sigma_up = eta sigma_1,
+sigma_down = sqrt(1 - eta^2) sigma_1:
+
+    x_1 = D(eps, inf) + sqrt(1 - eta^2) sigma_1 eps + eta sigma_1 z,
+
+eta = the `eta` option of ddim, 1 for ddpm (its posterior q(x_1 | x_T, x0 = D) at alpha_T = 0;
+Ho et al.'s variance 'beta' would put sigma_T^2 = beta_T = 1 there, sigma_up = sqrt(1 + sigma_1^2)),
+0 for every other sampler (the limit of its first-order step: Heun-type corrections and the
+stochastic samplers' own steps have no finite limit over an infinite step). Given a D(., inf) that
+does not depend on eps, as the exact one, eta does not change the law of x_1: N(D, sigma_1^2 I).
+The sampler then runs on the finite rest of the grid from (x_1, sigma_1) (multistep histories start
+there); that first step costs one evaluation (`sampler_nfe(..., from_infinity=True)`).
+
 Which one: `deis_pc` (defaults: order 4, rho = 7, lower_order_final=True) is the recommended
 deterministic sampler: a tAB-DEIS predictor with a UniC-style corrector at no extra NFE. On the
 EDM grid (rho = 7) with exact Gaussian-mixture denoisers (benchmarks/samplers.py: 2-D ring8, 64-D
@@ -30,8 +48,10 @@ the same error. Weak spots, measured: at 5 NFE on the 64-D mixture its sliced W2
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,7 +60,7 @@ from .schedules import DiscreteVP, Schedule, VPSDE, RectifiedFlow, ddpm_linear, 
 
 Tensor = torch.Tensor
 
-__all__ = ["SAMPLERS", "GRIDS", "get_sampler", "sampler_nfe", "get_sigmas"]
+__all__ = ["SAMPLERS", "GRIDS", "get_sampler", "sampler_nfe", "get_sigmas", "initial_state", "step_from_infinity"]
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
@@ -50,7 +70,7 @@ def _levels(sigmas) -> list[float]:
     if s.ndim != 1 or s.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D grid with at least 2 values, got shape {tuple(s.shape)}")
     if not bool(torch.isfinite(s).all()):
-        raise ValueError("sigmas must be finite")
+        raise ValueError("sigmas must be finite (a grid starting at sigma = inf: call the sampler through SAMPLERS)")
     if not bool((s[1:] < s[:-1]).all()):
         raise ValueError(f"sigmas must be strictly decreasing (from noise to data), got {s[:4].tolist()}...")
     if float(s[-1]) < 0:
@@ -80,6 +100,46 @@ def _step(x: Tensor, denoised: Tensor, sigma: float, sigma_down: float, sigma_up
     """
     x_next = denoised + (sigma_down / sigma) * (x - denoised)
     return x_next + sigma_up * _noise(x, generator) if sigma_up > 0 else x_next
+
+
+def step_from_infinity(denoiser, eps: Tensor, sigma_next: float, eta: float = 0.0, generator=None, callback=None):
+    """The first step of a grid that starts at sigma = inf (module docstring): from the unit noise eps,
+
+        x_1 = D(eps, inf) + sqrt(1 - eta^2) sigma_1 eps + eta sigma_1 z,   z ~ N(0, I),
+
+    the limit sigma -> inf of `_step` with DDIM's (sigma_down, sigma_up) (Song et al. 2021a, eq. 12;
+    Lin et al. 2024, sec. 3.3: the sampler starts from pure noise at alpha-bar_T = 0). One evaluation,
+    reported to the callback as step 0 at sigma = inf."""
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta={eta} must lie in [0, 1]")
+    denoised = _denoise(denoiser, eps, math.inf)
+    _report(callback, 0, eps, math.inf, denoised)
+    x = denoised + math.sqrt(1 - eta**2) * sigma_next * eps
+    return x + eta * sigma_next * _noise(eps, generator) if eta > 0 and sigma_next > 0 else x
+
+
+def initial_state(eps: Tensor, sigma_max: float) -> Tensor:
+    """The state at a grid's first level sigma_max for the unit noise eps: sigma_max eps, or eps itself
+    at sigma_max = inf (the convention of a zero-terminal-SNR start)."""
+    return eps if math.isinf(sigma_max) else sigma_max * eps
+
+
+def _starting_at_infinity(sampler, eta: float = 0.0):
+    """`sampler` made to take a grid that starts at sigma = inf: `step_from_infinity` (with the
+    sampler's own `eta` option if it has one, else `eta`), then the sampler on sigmas[1:]."""
+
+    @functools.wraps(sampler)
+    def run(denoiser, x, sigmas, *, generator=None, callback=None, **options):
+        s = torch.as_tensor(sigmas, dtype=torch.float64)
+        if s.ndim != 1 or s.numel() < 2 or not math.isinf(float(s[0])):
+            return sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+        x = step_from_infinity(denoiser, x, float(s[1]), options.get("eta", eta), generator, callback)
+        if s.numel() == 2:
+            return x
+        shifted = None if callback is None else (lambda info: callback({**info, "i": info["i"] + 1}))
+        return sampler(denoiser, x, sigmas[1:], generator=generator, callback=shifted, **options)
+
+    return run
 
 
 class _TimeODE:
@@ -169,6 +229,148 @@ def flow_heun(denoiser, x, sigmas, *, generator=None, callback=None):
     return heun(denoiser, x, sigmas, schedule=RectifiedFlow(), callback=callback)
 
 
+# -- adaptive: Dormand-Prince 5(4) with error control -------------------------------------------------
+# Dormand & Prince (1980); Hairer, Norsett & Wanner, Solving ODEs I (1993), Table II.5.2: nodes c,
+# stages 2..6 (a), the 5th-order weights b (also the 7th stage's row: FSAL) and e = b - b^ (b^ the
+# embedded 4th-order weights).
+_DP_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0)
+_DP_A = ((1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+         (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+         (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656))
+_DP_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)
+_DP_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+
+
+class ODESolution(NamedTuple):
+    """What `dormand_prince` returns: y(t1), f(t1, y(t1)) (its last stage), the evaluations of f it
+    spent, the accepted and rejected steps, and `error`: the sum over accepted steps of the absolute
+    local error estimates, elementwise (shape of y)."""
+
+    y: Tensor
+    dy: Tensor
+    nfe: int
+    accepted: int
+    rejected: int
+    error: Tensor
+
+
+def dormand_prince_step(f, t: float, y: Tensor, h: float, k1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One step of the Dormand-Prince 5(4) pair on dy/dt = f(t, y) from (t, y), k1 = f(t, y):
+
+        k_i = f(t + c_i h, y + h sum_{j<i} a_ij k_j),  y_new = y + h sum_i b_i k_i,  k7 = f(t + h, y_new),
+        error = h sum_i (b_i - b^_i) k_i  (the 5th-order y_new minus the embedded 4th-order solution).
+
+    Returns (y_new, error, k7); k7 is the next step's k1 (first same as last), so a step costs 6
+    evaluations. Coefficients: Hairer, Norsett & Wanner (1993), Table II.5.2."""
+    ks = [k1]
+    for c, row in zip(_DP_C, _DP_A):
+        ks.append(f(t + c * h, y + h * sum(a * k for a, k in zip(row, ks))))
+    y_new = y + h * sum(b * k for b, k in zip(_DP_B, ks) if b)
+    ks.append(f(t + h, y_new))
+    return y_new, h * sum(e * k for e, k in zip(_DP_E, ks) if e), ks[-1]
+
+
+def _norm(v: Tensor) -> float:
+    """The largest over the batch (dim 0) of each sample's RMS over its other dims."""
+    return float(v.double().reshape(len(v), -1).pow(2).mean(1).sqrt().max())
+
+
+def check_tolerances(rtol, atol) -> None:
+    """ValueError unless the error tolerances of `dormand_prince` are finite numbers > 0."""
+    for name, tol in (("rtol", rtol), ("atol", atol)):
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < math.inf:
+            raise ValueError(f"{name}={tol!r} must be a finite number > 0")
+
+
+def dormand_prince(f, y: Tensor, t0: float, t1: float, *, rtol: float, atol: float, on_step=None) -> ODESolution:
+    """Integrate dy/dt = f(t, y) from t0 to t1 (either direction) with `dormand_prince_step` under
+    error control (Hairer, Norsett & Wanner 1993, sec. II.4):
+
+    * error norm (eq. 4.11) per sample, the batch's largest deciding (the samples share their steps):
+      err = max_b RMS_b((y_new - y^) / (atol + rtol max(|y|, |y_new|))), RMS_b over sample b's elements
+      (dim 0 indexes the samples). So every sample meets the tolerance, whatever its batch-mates;
+      torchdiffeq, scipy and k-diffusion's dpm_adaptive take one RMS over the whole batch instead,
+      which lets a hard sample in a large batch go under-resolved (measured on ring8's PF-ODE
+      likelihood at rtol = 1e-5, batches of 128 and 1024 points: the worst point off by 3.7e-3 to
+      5.8e-3 nats that way, 3.1e-4 to 6.5e-4 with this norm, at 1.2x the NFE);
+    * a step is accepted if err <= 1; the next step size either way (eq. 4.13, with q = 4, the lower order)
+      h_new = h min(fac_max, max(0.2, 0.9 err^(-1/5))), fac_max = 10 (DOPRI5's value), 1 right after a rejection;
+    * the first step size by the recipe "Starting step size" of sec. II.4 (one extra evaluation).
+
+    on_step(i, t, y, dy, nfe) is called after the i-th accepted step with its starting point
+    (dy = f(t, y)) and the evaluations spent so far. Raises FloatingPointError if f turns non-finite
+    (the step size would shrink forever)."""
+    check_tolerances(rtol, atol)
+    direction = 1.0 if t1 >= t0 else -1.0
+    dy = f(t0, y)
+    if t0 == t1:
+        return ODESolution(y, dy, 1, 0, 0, torch.zeros_like(y))
+    scale = atol + rtol * y.abs()
+    d0, d1 = _norm(y / scale), _norm(dy / scale)
+    h0 = min(1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1, abs(t1 - t0))
+    d2 = _norm((f(t0 + direction * h0, y + direction * h0 * dy) - dy) / scale) / h0
+    h = min(100 * h0, (0.01 / max(d1, d2)) ** (1 / 5) if max(d1, d2) > 1e-15 else max(1e-6, 1e-3 * h0))
+    t, nfe, accepted, rejected, just_rejected = t0, 2, 0, 0, False
+    error = torch.zeros_like(y)
+    while direction * (t1 - t) > 0:
+        last = h >= abs(t1 - t)
+        step = t1 - t if last else direction * h
+        y_new, local, dy_new = dormand_prince_step(f, t, y, step, dy)
+        nfe += 6
+        err = _norm(local / (atol + rtol * torch.maximum(y.abs(), y_new.abs())))
+        if not math.isfinite(err):
+            raise FloatingPointError(f"dormand_prince: non-finite error estimate at t={t:.6g} (the vector field diverged)")
+        factor = 10.0 if err == 0 else 0.9 * err ** -0.2
+        if err <= 1:
+            if on_step is not None:
+                on_step(accepted, t, y, dy, nfe)
+            t, y, dy, error = (t1 if last else t + step), y_new, dy_new, error + local.abs()
+            accepted += 1
+            h = abs(step) * min(1.0 if just_rejected else 10.0, max(0.2, factor))
+        else:
+            rejected += 1
+            h = abs(step) * max(0.2, min(1.0, factor))
+        just_rejected = err > 1
+    return ODESolution(y, dy, nfe, accepted, rejected, error)
+
+
+def adaptive(denoiser, x, sigmas, *, rtol=1e-3, atol=None, generator=None, callback=None):
+    """The probability-flow ODE by Dormand-Prince 5(4) with error control (`dormand_prince`) in
+    lambda = -log sigma:
+
+        dx/dlambda = D(x, e^-lambda) - x,   from lambda = -log sigmas[0] to -log sigma_min,
+
+    sigma_min the grid's last positive value; only the grid's endpoints and whether it ends in 0
+    matter (the solver picks its own steps). In lambda the linear part has unit rate, so the step
+    size follows how fast D changes, not the 1/sigma of dx/dsigma = (x - D) / sigma that makes an
+    explicit solver in sigma take steps ~ sigma near sigma_min (the lambda of DPM-Solver and of
+    k-diffusion's dpm_adaptive). A grid ending in 0 ends with the denoising step x <- D(x, sigma_min),
+    which costs nothing: D there is the last accepted step's 7th stage.
+
+    rtol (default 1e-3) and atol (default: rtol; the state near the data is in data units, about 1
+    per coordinate) enter `dormand_prince`'s per-sample error norm: the samples share their steps,
+    and each meets the tolerance. NFE = 2 + 6 (accepted + rejected steps), known only after the
+    run: `sampler_nfe` returns None; `callback` gets `nfe` (the evaluations so far) in its dict, once
+    per accepted step (with the state before it) and once at the end at sigma_min (denoised = D
+    there), whose `nfe` is the total (from a grid starting at sigma = inf, SAMPLERS' step from inf
+    adds one evaluation more). Peers: score_sde's RK45 (scipy, rtol = atol = 1e-5), flow_matching's
+    dopri5 (torchdiffeq).
+    """
+    atol = rtol if atol is None else atol
+    check_tolerances(rtol, atol)
+    levels = _levels(sigmas)
+    positive = [s for s in levels if s > 0]
+    field = lambda lam, y: _denoise(denoiser, y, math.exp(-lam)) - y  # noqa: E731
+    report = None
+    if callback is not None:
+        report = lambda i, lam, y, dy, nfe: callback(dict(i=i, x=y, sigma=math.exp(-lam), denoised=dy + y, nfe=nfe))  # noqa: E731
+    sol = dormand_prince(field, x, -math.log(positive[0]), -math.log(positive[-1]), rtol=rtol, atol=atol, on_step=report)
+    denoised = sol.dy + sol.y
+    if report is not None:
+        report(sol.accepted, -math.log(positive[-1]), sol.y, sol.dy, sol.nfe)
+    return denoised if levels[-1] == 0 else sol.y
+
+
 # -- stochastic samplers ----------------------------------------------------------------------------
 def edm_sde(denoiser, x, sigmas, *, S_churn=0.0, S_tmin=0.0, S_tmax=math.inf, S_noise=1.0, generator=None, callback=None):
     """EDM stochastic sampler (Karras et al. 2022, Algorithm 2):
@@ -211,7 +413,8 @@ def ddpm(denoiser, x, sigmas, *, variance="beta", generator=None, callback=None)
     Ho et al. report both choices give similar samples. A learned variance (Nichol & Dhariwal 2021,
     eq. 15) is a callable variance(x, sigma) -> (D, v) used in place of the denoiser (one evaluation
     per step), v elementwise in [0, 1]: sigma_up^2 = exp(v log(beta's) + (1 - v) log(beta_tilde's)).
-    No noise on the step to sigma = 0 (z = 0 at t = 1).
+    No noise on the step to sigma = 0 (z = 0 at t = 1), so the variance at t = 1, where the bound's
+    conventions differ (process.reverse_variance: 'beta' vs 'beta_plain'), plays no part here.
     """
     learned = callable(variance)
     if not learned and variance not in ("beta", "beta_tilde"):
@@ -326,6 +529,67 @@ def langevin(denoiser, x, sigmas, *, eps=None, n_steps=100, final_denoise=True, 
             x = x + 0.5 * step * (denoised - x) / sigma**2 + math.sqrt(step) * _noise(x, generator)
         _report(callback, i, x, sigma, denoised)
     return _denoise(denoiser, x, sigma_last) if final_denoise else x
+
+
+def mala(denoiser, x, sigmas, *, energy=None, eps=None, n_steps=100, final_denoise=True, generator=None, callback=None):
+    """Annealed Metropolis-adjusted Langevin (MALA; Roberts & Tweedie 1996, Besag 1994) over the
+    positive sigmas, with the step rule of `langevin` (alpha_i = eps sigma_i^2 / sigma_L^2, n_steps per
+    level, eps=None: 0.2 sigma_L^2, final denoising step). Each step proposes the Langevin move
+
+        x' = x + alpha/2 s(x) + sqrt(alpha) z,   s = (D - x) / sigma^2,   q(x' | x) = N(x'; x + alpha/2 s(x), alpha I),
+
+    and keeps it with probability min(1, p(x') q(x | x') / (p(x) q(x' | x))), log p = -energy + const:
+
+        log r = E(x) - E(x') - |x - x' - alpha/2 s(x')|^2 / (2 alpha) + |z|^2 / 2,
+
+    else stays at x (per sample). `energy(x, sigma) -> (B,)` is the energy of the scale-free x at noise
+    level sigma (an energy model's `Diffusion.energy`; for a mixture, -log_prob): the chain then
+    leaves exp(-energy) invariant at every level, whatever the denoiser (it only shapes the
+    proposals), with no step-size bias, unlike `langevin`. A constant per level in the energy
+    cancels in r. Evaluations: D and E once at the start of each level and once per proposal, so
+    levels (n_steps + 1) denoiser calls and as many energy calls; the final step reuses D at the
+    last state. The callback gets, once per level after its steps, `acceptance`: the share of
+    proposals kept.
+    """
+    if energy is None:
+        raise ValueError("mala needs energy=callable(x, sigma) -> (B,) for the Metropolis-Hastings test "
+                         "(an energy model's, parameterization 'energy'; for the exact mixture -log_prob)")
+    levels = [s for s in _levels(sigmas) if s > 0]
+    sigma_last = levels[-1]
+    eps = 0.2 * sigma_last**2 if eps is None else eps
+    if eps <= 0 or n_steps < 1:
+        raise ValueError(f"eps={eps} must be > 0 and n_steps={n_steps} >= 1")
+
+    def evaluate(y: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(D, score, energy in float64) at y."""
+        s = y.new_full((y.shape[0],), sigma)
+        d, e = denoiser(y, s), energy(y, s)
+        if e.shape != y.shape[:1]:
+            raise ValueError(f"energy(x, sigma) must return one value per sample, shape ({len(y)},); got {tuple(e.shape)}")
+        return d, (d - y) / sigma**2, e.double()
+
+    def sq_norm(v: Tensor) -> Tensor:
+        return v.double().flatten(1).pow(2).sum(dim=1)
+
+    for i, sigma in enumerate(levels):
+        step = eps * sigma**2 / sigma_last**2
+        denoised, score, e = evaluate(x, sigma)
+        kept = 0.0
+        for _ in range(n_steps):
+            z = _noise(x, generator)
+            proposal = x + 0.5 * step * score + math.sqrt(step) * z
+            d_new, score_new, e_new = evaluate(proposal, sigma)
+            log_r = e - e_new - sq_norm(x - proposal - 0.5 * step * score_new) / (2 * step) + sq_norm(z) / 2
+            u = torch.rand(x.shape[0], generator=generator, dtype=torch.float64, device=x.device)
+            accept = torch.log(u) < log_r
+            keep = accept.reshape(-1, *([1] * (x.ndim - 1)))
+            x, denoised, score = (torch.where(keep, new, old) for new, old in
+                                  ((proposal, x), (d_new, denoised), (score_new, score)))
+            e = torch.where(accept, e_new, e)
+            kept += float(accept.double().mean()) / n_steps
+        if callback is not None:
+            callback(dict(i=i, x=x, sigma=sigma, denoised=denoised, acceptance=kept))
+    return denoised if final_denoise else x
 
 
 # -- high-order deterministic solvers in lambda = -log sigma -------------------------------------------
@@ -593,6 +857,7 @@ SAMPLERS = {
     "euler_maruyama": euler_maruyama,
     "pc": pc,
     "langevin": langevin,
+    "mala": mala,
     "dpmpp_2s": dpmpp_2s,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_3m": dpmpp_3m,
@@ -602,7 +867,9 @@ SAMPLERS = {
     "deis_pc": deis_pc,
     "flow_euler": flow_euler,
     "flow_heun": flow_heun,
+    "adaptive": adaptive,
 }
+SAMPLERS = {name: _starting_at_infinity(fn, eta=1.0 if name == "ddpm" else 0.0) for name, fn in SAMPLERS.items()}
 
 
 def get_sampler(name: str):
@@ -619,22 +886,36 @@ def _check_options(name: str, options: dict) -> None:
         raise TypeError(f"sampler {name!r} got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
 
 
-def sampler_nfe(name: str, n_steps: int, /, **options) -> int:
-    """Exact number of denoiser calls of sampler `name` on a grid of n_steps + 1 sigmas ending in 0.
+def sampler_nfe(name: str, n_steps: int, /, *, from_infinity: bool = False, **options) -> int | None:
+    """Exact number of denoiser calls of sampler `name` on a grid of n_steps + 1 sigmas ending in 0
+    (from_infinity: the grid starts at sigma = inf, one call for that step, then the rest's count).
 
     One per step, except: heun, flow_heun, edm_sde, dpmpp_2s: 2 per step and 1 for the step to 0;
     pc: 1 + n_corrector per step, no corrector after the step to 0; langevin: n_steps per positive
-    sigma (its option `n_steps`, not the grid's) plus 1 for the final denoising step.
+    sigma (its option `n_steps`, not the grid's) plus 1 for the final denoising step; mala: n_steps + 1
+    per positive sigma (the level's start and each proposal; as many calls of its `energy`; the final
+    denoising step reuses the last); adaptive: None,
+    not known before the run (it chooses its steps; its callback reports the count, see `adaptive`),
+    after checking its tolerances.
     """
     _check_options(name, options)
     if n_steps < 1:
         raise ValueError(f"n_steps={n_steps} must be >= 1")
+    if from_infinity:
+        rest = sampler_nfe(name, n_steps - 1, **options) if n_steps > 1 else 0
+        return None if rest is None else 1 + rest
+    if name == "adaptive":
+        rtol, atol = options.get("rtol", 1e-3), options.get("atol")
+        check_tolerances(rtol, rtol if atol is None else atol)
+        return None
     if name in ("heun", "flow_heun", "edm_sde", "dpmpp_2s"):
         return 2 * n_steps - 1
     if name == "pc":
         return n_steps + (n_steps - 1) * options.get("n_corrector", 1)
     if name == "langevin":
         return n_steps * options.get("n_steps", 100) + int(options.get("final_denoise", True))
+    if name == "mala":
+        return n_steps * (options.get("n_steps", 100) + 1)
     return n_steps
 
 

@@ -13,6 +13,7 @@ before any network evaluation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,26 +22,34 @@ from . import guidance
 from .config import SampleConfig
 from .model import load_model
 from .presets import Preset
-from .samplers import SAMPLERS, get_sigmas, sampler_nfe
+from .samplers import SAMPLERS, get_sigmas, initial_state, sampler_nfe
 
 Tensor = torch.Tensor
 
 DEFAULT_NFE = 35  # ODE solvers without an NFE: EDM's 18 Heun steps
+# samplers that need far more: NCSN's annealed Langevin (Song & Ermon 2019: 10 levels x 100 steps,
+# + the final denoising step) and score_sde's PC sampler (Song et al. 2021b: N = 1000 steps, one
+# corrector step each but the last)
+SAMPLER_NFE = {"langevin": 1001, "pc": 1999, "mala": 1010}  # mala: langevin's 10 levels x (100 proposals + 1)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A resolved sampler: name, grid (sigma_max -> 0, float64), options, and its denoiser calls per sample."""
+    """A resolved sampler: name, grid (sigma_max -> 0, float64), options, and its denoiser calls per
+    sample; nfe is None for a sampler that chooses its own steps (adaptive: the grid is just
+    [sigma_max, sigma_min, 0], and `Samples.evaluations` is what it spent)."""
 
     sampler: str
     sigmas: Tensor
     options: dict
-    nfe: int
+    nfe: int | None
 
 
 def plan(preset: Preset, cfg: SampleConfig) -> Plan:
     """The preset's own solver and time steps unless cfg names others. nfe = 0 spends 35 evaluations
-    for ODE solvers and the full chain for DDPM; otherwise the most steps whose NFE fits."""
+    for ODE solvers, the papers' budgets for langevin and pc (SAMPLER_NFE) and the full chain for
+    DDPM; otherwise the most steps whose NFE fits (at least one step's worth). A grid that starts at
+    sigma = inf (zero terminal SNR) is counted with its step from there (samplers.sampler_nfe)."""
     name = cfg.sampler or preset.solver
     if name not in SAMPLERS:
         raise ValueError(f"sample.sampler={name!r} is unknown; allowed: {', '.join(SAMPLERS)}")
@@ -48,16 +57,28 @@ def plan(preset: Preset, cfg: SampleConfig) -> Plan:
         raise ValueError(f"sample.nfe={cfg.nfe} must be >= 0 (0: the sampler's default)")
     options = {**preset.sampler_options(name), **cfg.options}
     try:
-        sampler_nfe(name, 1, **options)
+        counted_ahead = sampler_nfe(name, 1, **options) is not None
     except TypeError as e:  # an unknown option, named by the sampler
         raise ValueError(f"sample: {e}") from None
-    if preset.time_steps == "ddpm" and not cfg.nfe:
+    infinite = math.isinf(get_sigmas(preset.time_steps, 1, **preset.time_step_kwargs)[0].item())
+    if not counted_ahead:  # adaptive: its own steps between the ends of the preset's grid, counted by `sample`
+        if cfg.nfe:
+            raise ValueError(f"sample.nfe={cfg.nfe}: sampler {name!r} chooses its own steps (set sample.rtol / "
+                             "sample.atol instead); leave sample.nfe at 0")
+        full = get_sigmas(preset.time_steps, preset.params["T"] if preset.time_steps == "ddpm" else 2,
+                          **preset.time_step_kwargs)
+        return Plan(name, full[[0, 1, -2, -1] if infinite else [0, -2, -1]], options, None)  # from inf: one step first
+    if name == "ddpm" and preset.time_steps == "ddpm" and not cfg.nfe:
         steps = preset.params["T"]
     else:
-        target = cfg.nfe or DEFAULT_NFE
-        steps = max((k for k in range(1, 4 * target + 2) if sampler_nfe(name, k, **options) <= target), default=1)
+        target = cfg.nfe or SAMPLER_NFE.get(name, DEFAULT_NFE)
+        if sampler_nfe(name, 1, **options) > target:
+            raise ValueError(f"sample.nfe={target} is below one step of {name} ({sampler_nfe(name, 1, **options)} "
+                             f"evaluations with options {options or '{}'}); raise sample.nfe or lower the sampler's steps")
+        steps = max((k for k in range(1, 4 * target + 2)
+                     if sampler_nfe(name, k, from_infinity=infinite, **options) <= target), default=1)
     sigmas = get_sigmas(preset.time_steps, steps, **preset.time_step_kwargs)
-    return Plan(name, sigmas, options, sampler_nfe(name, steps, **options))
+    return Plan(name, sigmas, options, sampler_nfe(name, steps, from_infinity=infinite, **options))
 
 
 def class_labels(classes: str, n: int, num_classes: int, device="cpu") -> Tensor | None:
@@ -140,8 +161,8 @@ def describe_guidance(cfg: SampleConfig) -> str:
 @dataclass
 class Samples:
     """x (n, *shape) at sigma = 0, their labels (or None), the plan, and what the denoiser spent:
-    `evaluations` = the sampler's calls (plan.nfe for one batch), `guided` = those that also
-    evaluated a guide (a doubled batch for CFG)."""
+    `evaluations` = the sampler's calls, counted (plan.nfe for one batch where the plan knows it),
+    `guided` = those that also evaluated a guide (a doubled batch for CFG)."""
 
     x: Tensor
     labels: Tensor | None
@@ -151,31 +172,48 @@ class Samples:
     guidance: str = ""  # describe_guidance of the config
 
     def describe(self) -> str:
-        text = f"sampler {self.plan.sampler}, NFE {self.plan.nfe}" + (f", {self.guidance}" if self.guidance else "")
+        spent = f"NFE {self.evaluations}" + (" spent on its own steps" if self.plan.nfe is None else "")
+        text = f"sampler {self.plan.sampler}, {spent}" + (f", {self.guidance}" if self.guidance else "")
         if self.guided:
             text += f" (the guide evaluated too on {self.guided} of {self.evaluations} calls)"
         return text
+
+
+class _Counted:
+    """A denoiser D(x, sigma) that counts its calls."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        self.calls += 1
+        return self.denoiser(x, sigma)
 
 
 @torch.no_grad()
 def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", callback=None,
            shape: tuple | None = None) -> Samples:
     """n samples of a model (train.Diffusion) as cfg says: x = sigma_max * N(0, I) with the seed's
-    generator, then the planned sampler on the guided denoiser."""
+    generator (N(0, I) itself for a grid from sigma = inf), then the planned sampler on the guided denoiser."""
     cfg = cfg or SampleConfig()
     shape = tuple(shape or model.shape)
     if n < 1 or not shape:
         raise ValueError(f"sample: n={n} must be >= 1 and the data shape known (got {shape})")
     p = plan(model.preset, cfg)
+    if p.sampler == "mala" and model.parameterization != "energy":
+        raise ValueError(f"sample.sampler='mala' needs log p from an energy model (model.parameterization=energy); "
+                         f"this one is {model.parameterization!r}: use langevin for an unadjusted chain")
     labels = class_labels(cfg.classes, n, model.num_classes, device)
     D, wrapper = guided_denoiser(model, cfg, labels, device)
+    D = counted = _Counted(D)  # what the sampler spent, also where the plan cannot know it (adaptive)
     options = dict(p.options)
     if p.sampler == "ddpm" and model.learned_variance and "variance" not in options:
         # the learned Sigma of the network's last call: its first len(x) rows are the model's own
         # (CFG batches [conditional; unconditional]; a guide model has its own head)
         options["variance"] = lambda x, s: (D(x, s), (model.head.v[:len(x)].to(x.dtype) + 1) / 2)
+    if p.sampler == "mala" and "energy" not in options:  # log p of the model at the labels (checked above)
+        options["energy"] = lambda x, s: model.energy(x, s, labels)
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    x = p.sigmas[0].item() * torch.randn((n, *shape), generator=g, device=device)
+    x = initial_state(torch.randn((n, *shape), generator=g, device=device), p.sigmas[0].item())
     x = SAMPLERS[p.sampler](D, x, p.sigmas.to(device), generator=g, callback=callback, **options)
-    spent = (wrapper.evaluations, wrapper.guided) if wrapper is not None else (p.nfe, 0)
-    return Samples(x, labels, p, *spent, describe_guidance(cfg))
+    return Samples(x, labels, p, counted.calls, wrapper.guided if wrapper is not None else 0, describe_guidance(cfg))

@@ -146,8 +146,8 @@ class VPSchedule(Schedule):
         return 0.5 * self.alpha(t) * self.dlog_alpha_bar(t)
 
     def dsigma(self, t) -> Tensor:
-        # sigma^2 = 1 - alpha-bar  =>  2 sigma sigma' = -alpha-bar (log alpha-bar)'
-        return -self.alpha_bar(t) * self.dlog_alpha_bar(t) / (2 * self.sigma(t))
+        # sigma^2 = 1 - alpha^2  =>  sigma sigma' = -alpha alpha' (0 where alpha = 0, e.g. at zero terminal SNR)
+        return -self.alpha(t) * self.dalpha(t) / self.sigma(t)
 
     def logsnr(self, t) -> Tensor:
         """lambda = log(alpha-bar / (1 - alpha-bar)), written without cancellation."""
@@ -168,6 +168,12 @@ class DiscreteVP(VPSchedule):
     linear in t:  log alpha-bar(t) = log alpha-bar_{i-1} + (tT - i + 1) log(1 - beta_i).
     So q(z_t | x) at t = i/T is exactly DDPM's q(x_i | x_0), and the continuous schedule is
     monotone with derivative T log(1 - beta_i) on the i-th interval.
+
+    Zero terminal SNR (Lin et al. 2024; `rescale_zero_terminal_snr`): the last beta may be 1, so
+    alpha-bar_T = 0, logsnr(1) = -inf, sigma_tilde(1) = inf and t_from_sigma_tilde(inf) = 1. log alpha-bar
+    cannot be linear into -inf, so on that last interval alpha itself is linear,
+    alpha(t) = alpha_{T-1} (T - tT): continuous, strictly decreasing, alpha' = -T alpha_{T-1}, and the
+    inverse stays exact; every method is finite there or exactly -inf / inf where the value is.
     """
 
     name = "discrete-vp"
@@ -176,10 +182,12 @@ class DiscreteVP(VPSchedule):
         betas = as_tensor(betas).to(torch.float64)
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
-        if bool(((betas <= 0) | (betas >= 1)).any()):
-            raise ValueError(f"betas={fmt(betas[(betas <= 0) | (betas >= 1)])} must lie in (0, 1)")
+        bad = (betas <= 0) | (betas > 1) | ((betas == 1) & (torch.arange(betas.numel()) < betas.numel() - 1))
+        if bool(bad.any()):
+            raise ValueError(f"betas={fmt(betas[bad])} must lie in (0, 1); only the last may be 1 (zero terminal SNR)")
         self.betas = betas
         self.T = betas.numel()
+        self.zero_terminal_snr = bool(betas[-1] == 1)
         self.log_one_minus_beta = torch.log1p(-betas)
         # knots L_i = log alpha-bar_i, i = 0..T
         self.log_alpha_bars = torch.cat([betas.new_zeros(1), torch.cumsum(self.log_one_minus_beta, 0)])
@@ -197,17 +205,32 @@ class DiscreteVP(VPSchedule):
         i = torch.clamp(torch.ceil(u), 1, self.T).long()
         return i, u - (i - 1)
 
+    def _last(self, i: Tensor) -> Tensor:
+        """Where the interval index i is the last one of a zero-terminal-SNR chain (alpha linear there)."""
+        return (i == self.T) if self.zero_terminal_snr else torch.zeros_like(i, dtype=torch.bool)
+
     def log_alpha_bar(self, t) -> Tensor:
         t = self.check_t(t)
         i, frac = self._segment(t)
         dev = t.device
-        out = self.log_alpha_bars.to(dev)[i - 1] + frac * self.log_one_minus_beta.to(dev)[i - 1]
+        knots = self.log_alpha_bars.to(dev)
+        out = knots[i - 1] + frac * self.log_one_minus_beta.to(dev)[i - 1]
+        out = torch.where(self._last(i), knots[self.T - 1] + 2 * torch.log1p(-frac), out)  # alpha linear
         return out.to(t.dtype)
 
     def dlog_alpha_bar(self, t) -> Tensor:
         t = self.check_t(t)
+        i, frac = self._segment(t)
+        out = torch.where(self._last(i), -2 * self.T / (1 - frac), self.T * self.log_one_minus_beta.to(t.device)[i - 1])
+        return out.to(t.dtype)
+
+    def dalpha(self, t) -> Tensor:
+        """alpha' = alpha (log alpha-bar)' / 2, on the last interval of a zero-terminal-SNR chain
+        -T alpha_{T-1} (also at t = 1, where the product would be 0 * inf)."""
+        t = self.check_t(t)
         i, _ = self._segment(t)
-        return (self.T * self.log_one_minus_beta.to(t.device)[i - 1]).to(t.dtype)
+        linear = -self.T * torch.exp(0.5 * self.log_alpha_bars[self.T - 1]).to(t)
+        return torch.where(self._last(i), linear, super().dalpha(t))
 
     def _t_from_logsnr(self, lam: Tensor) -> Tensor:
         la = torch.nn.functional.logsigmoid(lam.to(torch.float64))  # log alpha-bar
@@ -215,6 +238,7 @@ class DiscreteVP(VPSchedule):
         # interval i with knots[i-1] >= la >= knots[i]
         i = torch.searchsorted(-knots, -la.contiguous(), right=False).clamp(1, self.T)
         t = ((i - 1) + (la - knots[i - 1]) / self.log_one_minus_beta.to(lam.device)[i - 1]) / self.T
+        t = torch.where(self._last(i), (self.T - torch.exp(0.5 * (la - knots[self.T - 1]))) / self.T, t)
         return t.to(lam.dtype)
 
     @classmethod
@@ -257,6 +281,21 @@ def ddpm_linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02)
     return DiscreteVP(torch.linspace(beta_start, beta_end, T, dtype=torch.float64), name="ddpm-linear")
 
 
+def rescale_zero_terminal_snr(chain: DiscreteVP) -> DiscreteVP:
+    """Lin et al. (2024), 'Common diffusion noise schedules and sample steps are flawed', Algorithm 1:
+    sqrt(alpha-bar_i), i = 1..T, shifted so that the last is 0 and scaled so that the first is unchanged,
+
+        sqrt(alpha-bar_i)' = sqrt(alpha-bar_1) (sqrt(alpha-bar_i) - sqrt(alpha-bar_T)) / (sqrt(alpha-bar_1) - sqrt(alpha-bar_T)),
+
+    and beta_i = 1 - alpha-bar_i' / alpha-bar_{i-1}': beta_T = 1, alpha-bar_T = 0, SNR 0 at t = 1 (z_T = eps
+    holds no signal, as the sampler's pure-noise start assumes)."""
+    if not isinstance(chain, DiscreteVP) or chain.T < 2:
+        raise ValueError(f"chain={chain!r}: zero terminal SNR rescaling needs a DiscreteVP chain of T >= 2 steps")
+    a = torch.exp(0.5 * chain.log_alpha_bars[1:])
+    a = a[0] * (a - a[-1]) / (a[0] - a[-1])
+    return DiscreteVP.from_log_alpha_bars(2 * torch.log(a), name=f"{chain.name}-zero-snr")
+
+
 class VPSDE(VPSchedule):
     """Song et al. (2021) VP-SDE with linear beta(t) = beta_min + t * beta_d.
 
@@ -296,7 +335,8 @@ class Cosine(VPSchedule):
 
     The continuous form reaches alpha-bar(1) = 0 (lambda = -inf). iDDPM's clipping acts on the
     discrete chain: beta_i = min(1 - alpha-bar(i/T) / alpha-bar((i-1)/T), max_beta), max_beta
-    = 0.999; `discrete()` returns that chain as a `DiscreteVP`.
+    = 0.999; `discrete()` returns that chain as a `DiscreteVP`, with max_beta = 1 the unclipped
+    chain, whose beta_T = 1: zero terminal SNR (Lin et al. 2024).
     """
 
     name = "cosine"
@@ -313,15 +353,16 @@ class Cosine(VPSchedule):
         return math.cos(0.5 * math.pi * self.s / (1 + self.s))
 
     def alpha(self, t) -> Tensor:
+        """cos(theta(t)) / cos(theta(0)), written as sin(pi/2 (1 - t) / (1 + s)) / cos(theta(0)): exactly 0 at t = 1."""
         t = self.check_t(t)
-        return torch.cos(self._theta(t)) / self._cos0()
+        return torch.sin(0.5 * math.pi * (1 - t) / (1 + self.s)) / self._cos0()
 
     def log_alpha_bar(self, t) -> Tensor:
         return 2 * torch.log(self.alpha(t))
 
     def dlog_alpha_bar(self, t) -> Tensor:
-        t = self.check_t(t)
-        return -2 * torch.tan(self._theta(t)) * 0.5 * math.pi / (1 + self.s)
+        """2 alpha' / alpha = -pi tan(theta) / (1 + s): -inf at t = 1."""
+        return 2 * self.dalpha(t) / self.alpha(t)
 
     def dalpha(self, t) -> Tensor:
         t = self.check_t(t)

@@ -92,6 +92,20 @@ def load_data(cfg: Config):
     return (data, *data.split(cfg.data.test_fraction, seed=cfg.train.seed))
 
 
+def init_weights(model: torch.nn.Module, init: str) -> None:
+    """Load the EMA weights of a run folder or checkpoint into a new run's model (train.init; the EMA
+    starts as a copy of it). Reflow starts the 2-RF model from the 1-RF one, as Liu et al. (2023) do."""
+    from .model import checkpoint_path
+
+    tensors, state = ckpt.load(checkpoint_path(Path(init)))
+    try:
+        ckpt.load_module(model, tensors, "ema")
+    except RuntimeError:
+        raise ValueError(f"train.init={init!r}: its network ({state['config']['model']['kind']}, preset "
+                         f"{state['config']['model']['preset']!r}) does not fit this run's model (same [model] "
+                         f"network settings and data shape needed)") from None
+
+
 def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int | None = None,
           stop_at: int | None = None, progress: bool = True) -> dict:
     """Train into `run_dir` (a new run from `cfg`), or continue it (resume=True, cfg=None: the run's
@@ -127,6 +141,10 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
                          f"fewer than train.batch_size={cfg.train.batch_size}")
     model = build_model(cfg.model, train_set.shape, data.num_classes, data.levels).to(device)
     denoising = isinstance(model, Diffusion)
+    if train_set.eps is not None and not denoising:
+        raise ValueError(f"data {cfg.data.spec!r} holds paired noise (eps): it trains a diffusion model, not a classifier")
+    if cfg.train.init and not resume:
+        init_weights(model, cfg.train.init)
     if denoising:  # the run's [sample] section draws its sample grids: check it now, not after training
         plan(model.preset, cfg.sample)
         class_labels(cfg.sample.classes, 1, model.num_classes)
@@ -161,6 +179,7 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
 
     x_all = train_set.x.to(device)
     y_all = train_set.labels.to(device) if train_set.labels is not None else None
+    eps_all = train_set.eps.to(device) if train_set.eps is not None else None
     metrics_path = run_dir / "metrics.csv"
     if step == 0 or not metrics_path.exists():
         metrics_path.write_text("step,loss,lr,grad_norm,samples_per_s,seconds\n")
@@ -183,8 +202,9 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
                 labels[drop] = data.num_classes  # the null class
             for g in opt.param_groups:
                 g["lr"] = learning_rate(cfg.train, step)
+            paired = {} if eps_all is None else {"eps": eps_all[idx]}  # the noise of each x (reflow's pairs)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-                loss = model.loss(x, labels, noise_gen).mean()
+                loss = model.loss(x, labels, noise_gen, **paired).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))

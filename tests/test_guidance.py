@@ -24,7 +24,7 @@ from diffspace.guidance import ClassifierGuidance, Guided, autoguidance, classif
 from diffspace.model import Diffusion
 from diffspace.nn import MLP, Energy
 from diffspace.presets import PRESETS
-from diffspace.samplers import SAMPLERS, get_sigmas
+from diffspace.samplers import SAMPLERS, get_sigmas, initial_state
 
 F64 = torch.float64
 
@@ -193,11 +193,21 @@ def test_classifier_guidance_scale_one_is_the_conditional_denoiser(make, sigma):
 
 # -- 5. guided sampling per class matches the component -----------------------------------------------
 N5, CLASSES5 = 2000, (0, 3, 5)
+
+
+def class_log_density(gm, x, sigma):
+    """log p_sigma(x | y) at the sweep's labels (CLASSES5, N5 each) by Bayes' rule:
+    log p(y | x) + log p(x) - log w_y."""
+    y = torch.tensor(CLASSES5).repeat_interleave(N5)
+    return gm.log_posterior(x, sigma).gather(1, y[:, None])[:, 0] + gm.log_prob(x, sigma) - gm.weights[y].log()
+
+
 # steps, options, grid (None: the EDM grid get_sigmas("edm", steps)) per sampler, chosen so each is
 # accurate. Measured (max over classes 0, 3, 5 of SW2 / noise floor, n = 2000, CFG w = 1 and classifier
 # guidance scale 1 give the same values to 3 digits): the deterministic ones at 40 steps 1.11-1.14,
 # euler / flow_euler at 200 steps 1.20 (2.07 at 40), ddpm 500: 1.05, ddim eta=1 500: 1.11,
-# edm_sde S_churn=40 200: 1.03, euler_maruyama 500: 1.02, pc 200: 1.11, langevin 300 levels: 1.21.
+# edm_sde S_churn=40 200: 1.03, euler_maruyama 500: 1.02, pc 200: 1.11, langevin 300 levels: 1.21,
+# mala on the same grid: 0.88.
 # Exact samples of a component give 0.89 +- 0.13 (99 % quantile 1.2-1.35) on this floor.
 SWEEP = {
     "euler": (200, {}, None),
@@ -209,6 +219,9 @@ SWEEP = {
     "pc": (200, {}, None),
     # annealed Langevin on a geometric (VE) grid down to sigma_L = 0.01, 5 steps per level, default eps
     "langevin": (300, {"n_steps": 5}, ("ve", dict(sigma_min=0.01, sigma_max=80.0))),
+    # MALA on Langevin's grid, its Metropolis-Hastings test with the exact -log p_sigma(x | class)
+    "mala": (300, {"n_steps": 5, "energy": lambda x, s: -class_log_density(ring8(), x, s)},
+             ("ve", dict(sigma_min=0.01, sigma_max=80.0))),
     "dpmpp_2s": (40, {}, None),
     "dpmpp_2m": (40, {}, None),
     "dpmpp_3m": (40, {}, None),
@@ -218,6 +231,7 @@ SWEEP = {
     "deis_pc": (40, {}, None),
     "flow_euler": (200, {}, None),
     "flow_heun": (40, {}, None),
+    "adaptive": (2, {}, None),  # Dormand-Prince at its default rtol between the EDM grid's ends
 }
 # the default run: a few deterministic and stochastic samplers (each SW2 of 2000 points costs ~0.5 s);
 # the rest of the sweep is marked slow
@@ -406,7 +420,7 @@ def test_guided_sampling_through_every_preset_and_parameterization(preset, param
     p, labels = plain.plan, plain.labels
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        x = p.sigmas[0].item() * torch.randn((n, 2), generator=g)
+        x = initial_state(torch.randn((n, 2), generator=g), p.sigmas[0].item())  # eps itself from sigma = inf
         expect = SAMPLERS[p.sampler](lambda x, s: model(x, s, labels), x, p.sigmas, generator=g, **p.options)
     assert torch.equal(plain.x, expect)
     assert plain.evaluations == p.nfe and plain.guided == 0
@@ -420,7 +434,7 @@ def test_guided_sampling_through_every_preset_and_parameterization(preset, param
         return du + 2 * (dc - du)
 
     with torch.no_grad():
-        x = p.sigmas[0].item() * torch.randn((n, 2), generator=g)
+        x = initial_state(torch.randn((n, 2), generator=g), p.sigmas[0].item())  # eps itself from sigma = inf
         expect = SAMPLERS[p.sampler](by_hand, x, p.sigmas, generator=g, **p.options)
     scale = float(expect.abs().max()) + 1
     torch.testing.assert_close(s.x, expect, rtol=1e-4, atol=1e-5 * scale)  # float32 nets, batch 2n vs n

@@ -185,7 +185,7 @@ def test_vlb_weight_is_the_kl_difference(schedule, variance):
         return gaussian_kl(mu_q, beta_tilde, mu_p, var_p)
 
     diff = L_tm1(eps_hat) - L_tm1(eps)
-    w = L.weighting("vlb", i, schedule, variance=variance)
+    w = L.weighting("vlb", i, schedule, space="eps", variance=variance)
     torch.testing.assert_close(w * ((eps - eps_hat) ** 2).sum(dim=1), diff, rtol=1e-8, atol=0)
 
 
@@ -196,7 +196,7 @@ def test_vlb_weight_at_t1_is_the_gaussian_decoder_nll():
     x0, eps, eps_hat = (torch.randn(4, 5, generator=g, dtype=f64) for _ in range(3))
     x1 = (1 - beta1).sqrt() * x0 + beta1.sqrt() * eps
     nll = lambda e: ((x0 - (x1 - beta1 / beta1.sqrt() * e) / (1 - beta1).sqrt()) ** 2).sum(1) / (2 * beta1)  # noqa: E731
-    w = L.weighting("vlb", torch.ones(4, dtype=torch.long), schedule)
+    w = L.weighting("vlb", torch.ones(4, dtype=torch.long), schedule, space="eps")
     torch.testing.assert_close(w * ((eps - eps_hat) ** 2).sum(1), nll(eps_hat) - nll(eps), rtol=1e-9, atol=0)
 
 

@@ -174,10 +174,12 @@ def test_lsimple_weights_on_a_vp_schedule():
 
 def test_every_presets_x0_weight_in_closed_form():
     """Karras et al. (2022) Table 1 lambda(sigma), sigma^2 = exp(-lambda): VP, VE, iDDPM 1/sigma^2; EDM
-    1/sigma^2 + 1/sigma_data^2; DDPM's L_simple SNR; rectified flow's flow loss (1 + sigma)^2 / sigma^2."""
+    1/sigma^2 + 1/sigma_data^2; DDPM's L_simple SNR; rectified flow's flow loss (1 + sigma)^2 / sigma^2;
+    zero terminal SNR's v loss 1 + SNR."""
     expected = {"vp": lambda l: torch.exp(l), "ve": lambda l: torch.exp(l), "iddpm": lambda l: torch.exp(l),
                 "ddpm": lambda l: torch.exp(l), "edm": lambda l: torch.exp(l) + 1 / 0.5**2,
-                "rectified-flow": lambda l: (1 + torch.exp(l / 2)) ** 2}
+                "rectified-flow": lambda l: (1 + torch.exp(l / 2)) ** 2,
+                "ztsnr": lambda l: 1 + torch.exp(l)}  # v-space 1: 1 / sigma_t^2 = 1 + SNR
     assert set(expected) == set(PRESETS)
     for name, preset in PRESETS.items():
         lam, w = plots.preset_x0_weight(preset)

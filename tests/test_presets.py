@@ -1,4 +1,5 @@
-"""Presets against Karras et al. (2022) Table 1, Ho et al. (2020) and rectified flow, typed from the papers."""
+"""Presets against Karras et al. (2022) Table 1, Ho et al. (2020), rectified flow and zero terminal SNR (Lin et
+al. 2024; its own checks in test_ztsnr.py), typed from the papers."""
 
 import dataclasses
 
@@ -11,7 +12,7 @@ from diffspace.parameterization import PARAMETERIZATIONS
 from diffspace.presets import PRESETS, ROWS, get_preset, presets_table
 
 F64 = torch.float64
-NAMES = ["vp", "ve", "iddpm", "edm", "ddpm", "rectified-flow"]
+NAMES = ["vp", "ve", "iddpm", "edm", "ddpm", "rectified-flow", "ztsnr"]
 
 PAPER = {  # Table 1 "Parameters" rows; Ho et al. 2020 sec. 4; Esser et al. 2024 logit-normal(0, 1)
     "vp": dict(beta_d=19.9, beta_min=0.1, eps_s=1e-3, eps_t=1e-5, M=1000),
@@ -20,6 +21,7 @@ PAPER = {  # Table 1 "Parameters" rows; Ho et al. 2020 sec. 4; Esser et al. 2024
     "edm": dict(sigma_min=0.002, sigma_max=80, sigma_data=0.5, rho=7, P_mean=-1.2, P_std=1.2),
     "ddpm": dict(T=1000, beta_start=1e-4, beta_end=0.02),
     "rectified-flow": dict(t_min=1e-3, t_max=0.999, m=0, s=1),
+    "ztsnr": dict(T=1000, beta_start=1e-4, beta_end=0.02),  # Ho et al.'s chain, rescaled (Lin et al. 2024, Alg. 1)
 }
 ROWS_OF = {  # solver, time-step rule, architecture, noise, weighting, the weighting's loss space
     "vp": ("euler", "vp", "DDPM++", "vp", "inverse-sigma2", "x0"),
@@ -28,6 +30,7 @@ ROWS_OF = {  # solver, time-step rule, architecture, noise, weighting, the weigh
     "edm": ("heun", "edm", "any", "edm", "edm", "x0"),
     "ddpm": ("ddpm", "ddpm", "DDPM", "discrete-uniform", "constant", "eps"),
     "rectified-flow": ("euler", "flow", "any", "logit-normal", "constant", "flow"),
+    "ztsnr": ("ddim", "ddpm", "any", "discrete-uniform", "constant", "v"),
 }
 
 
@@ -48,7 +51,7 @@ def iddpm_u(M=1000, C1=0.001, C2=0.008):
     return u
 
 
-def test_the_six_presets_and_their_numbers():
+def test_the_seven_presets_and_their_numbers():
     assert list(PRESETS) == NAMES
     for name in NAMES:
         assert dict(get_preset(name).params) == PAPER[name], name
@@ -190,7 +193,7 @@ def test_table_lists_every_preset_and_row():
 
 
 def test_unknown_name_and_immutability():
-    with pytest.raises(ValueError, match="allowed: vp, ve, iddpm, edm, ddpm, rectified-flow"):
+    with pytest.raises(ValueError, match="allowed: vp, ve, iddpm, edm, ddpm, rectified-flow, ztsnr"):
         get_preset("ddim")
     p = get_preset("edm")
     assert {p: 1}[p] == 1  # hashable (by identity)

@@ -110,9 +110,10 @@ def test_ddpm_posterior_matches_general_posterior_and_beta_tilde_below_beta():
 
 def test_reverse_variances():
     sch = S.ddpm_linear(T=50)
-    assert torch.equal(Q.reverse_variance(sch, "beta"), sch.betas)
-    small = Q.reverse_variance(sch, "beta_tilde")
+    assert torch.equal(Q.reverse_variance(sch, "beta_plain"), sch.betas)
+    small, large = Q.reverse_variance(sch, "beta_tilde"), Q.reverse_variance(sch, "beta")
     assert torch.equal(small[1:], Q.beta_tilde(sch)[1:]) and small[0] == small[1]
+    assert torch.equal(large[1:], sch.betas[1:]) and large[0] == small[1]  # Ho et al.'s code: beta~_2 at t = 1
     with pytest.raises(ValueError, match="reverse variance"):
         Q.reverse_variance(sch, "learned")
     with pytest.raises(ValueError, match="DiscreteVP"):
@@ -212,11 +213,11 @@ def test_decoder_bins_of_any_quantization_sum_to_one_and_match_scipy(levels):
 
 
 def test_learned_variance_interpolates_beta_and_beta_tilde_in_log_space():
-    """Nichol & Dhariwal (2021, eq. 15): v = 1 gives beta_t, v = 0 beta~_t (beta~_2 at t = 1), v = 1/2
-    their geometric mean; elementwise."""
+    """Nichol & Dhariwal (2021, eq. 15): v = 1 gives beta_t (beta_1 at t = 1, as in improved-diffusion),
+    v = 0 beta~_t (beta~_2 at t = 1), v = 1/2 their geometric mean; elementwise."""
     sch = S.ddpm_linear(T=50)
     i = torch.tensor([1, 2, 30, 50])
-    beta, tilde = Q.reverse_variance(sch, "beta")[i - 1], Q.reverse_variance(sch, "beta_tilde")[i - 1]
+    beta, tilde = Q.reverse_variance(sch, "beta_plain")[i - 1], Q.reverse_variance(sch, "beta_tilde")[i - 1]
     one, zero = torch.ones(4, 3, dtype=F64), torch.zeros(4, 3, dtype=F64)
     torch.testing.assert_close(Q.learned_variance(one, i, sch), beta[:, None].expand(4, 3), rtol=1e-12, atol=0)
     torch.testing.assert_close(Q.learned_variance(zero, i, sch), tilde[:, None].expand(4, 3), rtol=1e-12, atol=0)

@@ -38,14 +38,28 @@ def test_plan_uses_the_presets_solver_options_and_counts_nfe():
     assert ddpm.sampler == "ddpm" and ddpm.nfe == 1000
     dpm = plan(get_preset("vp"), SampleConfig(sampler="dpmpp_2m", nfe=10))
     assert dpm.options == {} and dpm.nfe == 10  # the VP column's own-time option is Euler's and Heun's only
-    for name in SAMPLERS:  # every sampler plans within its NFE
-        p = plan(get_preset("edm"), SampleConfig(sampler=name, nfe=12, options={"n_steps": 2} if name == "langevin" else {}))
+    for name in [n for n in SAMPLERS if n != "adaptive"]:  # every sampler plans within its NFE (adaptive: test_adaptive.py)
+        p = plan(get_preset("edm"), SampleConfig(sampler=name, nfe=12, options={"n_steps": 2} if name in ("langevin", "mala") else {}))
         assert p.nfe == sampler_nfe(name, len(p.sigmas) - 1, **p.options) and p.nfe <= 12
+
+
+def test_plan_gives_langevin_and_pc_their_papers_budgets():
+    """Annealed Langevin at 35 NFE would be one noise level at sigma_max (the NCSN failure of issue
+    12: samples spread over +-40); by default it gets NCSN's 10 levels x 100 steps, pc score_sde's
+    N = 1000 predictor steps."""
+    ve = get_preset("ve")
+    langevin = plan(ve, SampleConfig(sampler="langevin"))
+    assert langevin.nfe == 1001 and len(langevin.sigmas) == 11 and float(langevin.sigmas[-2]) == pytest.approx(0.02)
+    pc = plan(ve, SampleConfig(sampler="pc"))
+    assert pc.nfe == 1999 and len(pc.sigmas) == 1001
+    few = plan(ve, SampleConfig(sampler="langevin", nfe=501, options={"n_steps": 5}))
+    assert len(few.sigmas) == 101 and few.nfe == 501
 
 
 @pytest.mark.parametrize("settings, message", [
     (dict(sampler="nope"), "sample.sampler='nope'"),
     (dict(nfe=-1), "sample.nfe=-1"),
+    (dict(sampler="langevin", nfe=35), "sample.nfe=35 is below one step of langevin"),
     (dict(sampler="heun", options={"eta": 1.0}), "unknown option"),
 ])
 def test_plan_errors(settings, message):
