@@ -72,7 +72,8 @@ def cmd_reflow(args) -> int:
 
     r = reflow(Path(args.run), Path(args.out), pairs=args.pairs, steps=args.steps, nfe=args.nfe, sampler=args.sampler or "",
                seed=args.seed, overrides=args.overrides, progress=not args.quiet)
-    print(f"{args.pairs} (noise, sample) pairs by {r['plan'].sampler} at NFE {r['plan'].nfe} -> {r['pairs']}")
+    spent = f"at NFE {r['plan'].nfe}" if r["plan"].nfe is not None else "on its own steps"
+    print(f"{args.pairs} (noise, sample) pairs by {r['plan'].sampler} {spent} -> {r['pairs']}")
     print(f"trained to step {r['steps']} in {r['seconds']:.1f} s -> {r['run_dir']}")
     return 0
 
@@ -358,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception", help="local FID Inception weights (pt_inception-2015-12-05-6726825d.pth) for FID on images")
     add_sampling_arguments(ev)
     ev.set_defaults(func=cmd_eval)
-    cp = sub.add_parser("compare", help="train and measure a grid of runs from a spec (shipped: objectives, design-space)")
-    cp.add_argument("spec", help="a shipped spec (objectives, design-space) or a TOML file like diffspace/specs/*.toml")
+    cp = sub.add_parser("compare", help="train and measure a grid of runs from a spec (shipped: design-space, families, guidance, objectives)")
+    cp.add_argument("spec", help="a shipped spec (design-space, families, guidance, objectives) or a TOML file like diffspace/specs/*.toml")
     cp.add_argument("--quick", action="store_true", help="the spec's [quick] sizes: a smoke run of the whole pipeline")
     cp.add_argument("--out", help="output folder (default: runs/compare-SPEC, runs/compare-SPEC-quick)")
     cp.add_argument("--quiet", action="store_true", help="no progress bars")

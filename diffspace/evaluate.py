@@ -211,6 +211,10 @@ def real_sets(data, n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     return data.x[perm[:half]], data.x[perm[half:2 * half]]
 
 
+class NonFiniteSamples(ValueError):
+    """Samples with NaN or inf in them (a sampler that diverged)."""
+
+
 def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int = 0, inception: str | None = None,
                    feature_net=None) -> list[Row]:
     """Measures of samples x against the real data, each next to its noise floor, the same measure
@@ -225,6 +229,10 @@ def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int =
     * images with `inception` (a local FID Inception weights file): FD_inception (the FID with
       pytorch-fid's file), precision and recall in its features;
     * with the requested `labels` of conditional samples: `class_quality`."""
+    bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum())
+    if bad:
+        raise NonFiniteSamples(f"{bad} of {len(x)} samples are not finite (the sampler diverged); "
+                               "no measure of them would mean anything")
     from .analytic import MIXTURES
     from .data import MIXTURE_SPECS
 

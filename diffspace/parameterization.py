@@ -125,9 +125,12 @@ def convert(pred: Tensor, src: str, dst: str, z: Tensor, t, schedule: Schedule) 
 
 
 def score_from_energy(energy_fn, z: Tensor, t, create_graph: bool = False) -> Tensor:
-    """score(z, t) = -grad_z E(z, t) for a scalar-per-sample energy network E (summed over the batch)."""
+    """score(z, t) = -grad_z E(z, t) for a scalar-per-sample energy network E (summed over the batch).
+    A z already in a graph (z.requires_grad, e.g. a function of x whose divergence is taken) is kept
+    in it, so with create_graph the score is differentiable in what z came from."""
     with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
+        if not z.requires_grad:
+            z = z.detach().requires_grad_(True)
         energy = energy_fn(z, t)
         (grad,) = torch.autograd.grad(energy.sum(), z, create_graph=create_graph)
     return -grad

@@ -500,6 +500,37 @@ def tradeoff(points: dict, path: Path, *, x_name: str, y_name: str, floor: tuple
     return _save(fig, plt, path)
 
 
+def samples_side_by_side(panels: dict, path: Path, *, reference: torch.Tensor | None = None, title: str = "",
+                         columns: int = 4, images: int = 64, points: int = 1000) -> Path:
+    """panels = {caption: samples} in a grid of `columns`, the real data (`reference`) first: (N, C, H,
+    W) images as a grid of the first `images`, (N, 2) points as a scatter of the first `points` on
+    shared axes (the data's range, widened by a tenth, so a run that spreads out shows it)."""
+    shown = ({"data": reference} if reference is not None else {}) | panels
+    plt = _pyplot()
+    rows = math.ceil(len(shown) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.4 * rows + 0.4), squeeze=False)
+    lim = None
+    if reference is not None and reference.ndim == 2:
+        lim = 1.1 * float(reference.abs().max())
+    for ax, (caption, x) in zip(axes.flat, shown.items()):
+        x = x.detach().float().cpu()
+        if x.ndim == 4:
+            ax.imshow(image_grid(x[:images]), cmap="gray", vmin=0, vmax=255)
+            ax.set(xticks=[], yticks=[])
+        else:
+            ax.scatter(x[:points, 0], x[:points, 1], s=2, alpha=0.5, color="gray" if caption == "data" else "C0")
+            ax.set(aspect="equal", xticks=[], yticks=[])
+            if lim is not None:
+                ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
+        ax.set_title(caption, fontsize=8)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
 def _save(fig, plt, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

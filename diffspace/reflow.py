@@ -35,7 +35,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, SampleConfig, apply_overrides
 from .model import build_model, checkpoint_path, load_model
-from .samplers import SAMPLERS, flow_euler
+from .samplers import SAMPLERS, flow_euler, initial_state
 from .sampling import Plan, plan
 
 Tensor = torch.Tensor
@@ -77,12 +77,13 @@ def check_deterministic(denoiser, p: Plan, x: Tensor) -> None:
 @torch.no_grad()
 def make_pairs(model, p: Plan, n: int, seed: int = 0, batch: int = 4096) -> tuple[Tensor, Tensor]:
     """(eps, x): eps ~ N(0, I) of shape (n, *model.shape) from torch.Generator().manual_seed(seed) (on
-    the CPU, so the same on every device), x = the planned sampler from the state sigma_max eps, in
-    batches of `batch` (the sampler is deterministic: the batching changes x only by float rounding)."""
+    the CPU, so the same on every device), x = the planned sampler from the state sigma_max eps (eps
+    itself for a grid from sigma = inf), in batches of `batch` (the sampler is deterministic: the
+    batching changes x only by float rounding)."""
     device = next(model.parameters()).device
     eps = torch.randn((n, *model.shape), generator=torch.Generator().manual_seed(seed))
     sigma_max = p.sigmas[0].item()
-    x = torch.cat([SAMPLERS[p.sampler](model, sigma_max * e.to(device), p.sigmas.to(device), **p.options).cpu()
+    x = torch.cat([SAMPLERS[p.sampler](model, initial_state(e.to(device), sigma_max), p.sigmas.to(device), **p.options).cpu()
                    for e in eps.split(batch)])  # model(x~, sigma): the unconditional denoiser
     return eps, x
 
@@ -101,35 +102,12 @@ def reflow_config(cfg: Config, out: Path, source: Path, steps: int | None, overr
     return new
 
 
-def reflow(run: Path, out: Path, *, pairs: int = 10_000, steps: int | None = None, nfe: int = 100,
-           sampler: str = "", seed: int = 0, overrides=(), progress: bool = True) -> dict:
-    """Reflow of a run: `pairs` (noise, sample) pairs by its EMA model (sampler: RUN's [sample] one or
-    the preset's solver, at `nfe`, noise seeded by `seed`) saved as out/pairs.npz (+ pairs.json: how they
-    were made), then a new run trained in `out` on them (train.train; resume it with
-    `diffspace train --resume OUT`). Every bad setting fails before the first pair is drawn. Returns
-    train's summary with 'pairs' (the file) and 'plan' (the sampler used)."""
-    from .train import _device, init_weights, train
-
-    if pairs < 1:
-        raise ValueError(f"--pairs={pairs} must be >= 1")
-    out = Path(out)
-    if ckpt.latest(out / "checkpoints") is not None:
-        raise ValueError(f"{out} already holds checkpoints; continue it with `diffspace train --resume {out}` or choose another folder")
-    source = checkpoint_path(Path(run))
-    model, cfg, _ = load_model(source)
-    if model.num_classes:
-        raise ValueError(f"{run} is class-conditional; reflow makes unconditional pairs only (train RUN without model.class_conditional)")
-    new = reflow_config(cfg, out, source, steps, overrides)
-    n_train = pairs - round(new.data.test_fraction * pairs)
-    if n_train < new.train.batch_size:
-        raise ValueError(f"--pairs={pairs} leaves {n_train} training pairs (data.test_fraction={new.data.test_fraction:g}), "
-                         f"fewer than train.batch_size={new.train.batch_size}")
-    init_weights(build_model(new.model, model.shape), str(source))  # the new [model] settings and their fit to RUN
-    p = plan(model.preset, SampleConfig(sampler=sampler or cfg.sample.sampler, nfe=nfe))
-    device = _device(new.train.device)
+def write_pairs(model, out: Path, p: Plan, pairs: int, seed: int, source: Path, device="cpu") -> None:
+    """make_pairs of `model` (checked deterministic first) on `device` -> out/pairs.npz, and
+    out/pairs.json saying how they were made."""
     model.to(device)
     probe = torch.randn((2, *model.shape), generator=torch.Generator().manual_seed(seed)).to(device)
-    check_deterministic(model, p, p.sigmas[0].item() * probe)
+    check_deterministic(model, p, initial_state(probe, p.sigmas[0].item()))
     eps, x = make_pairs(model, p, pairs, seed)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -139,9 +117,42 @@ def reflow(run: Path, out: Path, *, pairs: int = 10_000, steps: int | None = Non
 
     ckpt.atomic_write(out / PAIRS_FILE, write)
     ckpt.atomic_write_text(out / "pairs.json", json.dumps({
-        "source": str(source.resolve()), "n": pairs, "sampler": p.sampler, "nfe": p.nfe, "options": p.options,
+        "source": str(Path(source).resolve()), "n": pairs, "sampler": p.sampler, "nfe": p.nfe, "options": p.options,
         "seed": seed, "sigma_max": p.sigmas[0].item(),
         "pair": "eps ~ N(0, I) from torch.Generator().manual_seed(seed); x = sampler(D, sigma_max * eps)"},
         indent=1, default=repr))  # a preset's sampler options may hold a schedule
+
+
+def check_pairs(cfg: Config, pairs: int) -> None:
+    """ValueError unless `pairs` leave at least one training batch of the new run `cfg`."""
+    if pairs < 1:
+        raise ValueError(f"--pairs={pairs} must be >= 1")
+    n_train = pairs - round(cfg.data.test_fraction * pairs)
+    if n_train < cfg.train.batch_size:
+        raise ValueError(f"--pairs={pairs} leaves {n_train} training pairs (data.test_fraction={cfg.data.test_fraction:g}), "
+                         f"fewer than train.batch_size={cfg.train.batch_size}")
+
+
+def reflow(run: Path, out: Path, *, pairs: int = 10_000, steps: int | None = None, nfe: int = 100,
+           sampler: str = "", seed: int = 0, overrides=(), progress: bool = True) -> dict:
+    """Reflow of a run: `pairs` (noise, sample) pairs by its EMA model (sampler: RUN's [sample] one or
+    the preset's solver, at `nfe`, noise seeded by `seed`) saved as out/pairs.npz (+ pairs.json: how they
+    were made), then a new run trained in `out` on them (train.train; resume it with
+    `diffspace train --resume OUT`). Every bad setting fails before the first pair is drawn. Returns
+    train's summary with 'pairs' (the file) and 'plan' (the sampler used)."""
+    from .train import _device, init_weights, train
+
+    out = Path(out)
+    if ckpt.latest(out / "checkpoints") is not None:
+        raise ValueError(f"{out} already holds checkpoints; continue it with `diffspace train --resume {out}` or choose another folder")
+    source = checkpoint_path(Path(run))
+    model, cfg, _ = load_model(source)
+    if model.num_classes:
+        raise ValueError(f"{run} is class-conditional; reflow makes unconditional pairs only (train RUN without model.class_conditional)")
+    new = reflow_config(cfg, out, source, steps, overrides)
+    check_pairs(new, pairs)
+    init_weights(build_model(new.model, model.shape), str(source))  # the new [model] settings and their fit to RUN
+    p = plan(model.preset, SampleConfig(sampler=sampler or cfg.sample.sampler, nfe=nfe))
+    write_pairs(model, out, p, pairs, seed, source, _device(new.train.device))
     summary = train(new, out, progress=progress)
     return {**summary, "pairs": out / PAIRS_FILE, "plan": p}

@@ -33,6 +33,11 @@ DEFAULT_NFE = 35  # ODE solvers without an NFE: EDM's 18 Heun steps
 SAMPLER_NFE = {"langevin": 1001, "pc": 1999, "mala": 1010}  # mala: langevin's 10 levels x (100 proposals + 1)
 
 
+class BudgetError(ValueError):
+    """An NFE the sampler cannot spend: below one of its steps, or any NFE for a sampler that chooses
+    its own steps (adaptive)."""
+
+
 @dataclass(frozen=True)
 class Plan:
     """A resolved sampler: name, grid (sigma_max -> 0, float64), options, and its denoiser calls per
@@ -43,6 +48,17 @@ class Plan:
     sigmas: Tensor
     options: dict
     nfe: int | None
+
+
+def _most_steps(nfe_of, target: int) -> int:
+    """The largest k >= 1 with nfe_of(k) <= target (nfe_of increasing in k, nfe_of(1) <= target), by bisection."""
+    lo, hi = 1, 2
+    while nfe_of(hi) <= target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if nfe_of(mid) <= target else (lo, mid)
+    return lo
 
 
 def plan(preset: Preset, cfg: SampleConfig) -> Plan:
@@ -63,7 +79,7 @@ def plan(preset: Preset, cfg: SampleConfig) -> Plan:
     infinite = math.isinf(get_sigmas(preset.time_steps, 1, **preset.time_step_kwargs)[0].item())
     if not counted_ahead:  # adaptive: its own steps between the ends of the preset's grid, counted by `sample`
         if cfg.nfe:
-            raise ValueError(f"sample.nfe={cfg.nfe}: sampler {name!r} chooses its own steps (set sample.rtol / "
+            raise BudgetError(f"sample.nfe={cfg.nfe}: sampler {name!r} chooses its own steps (set sample.rtol / "
                              "sample.atol instead); leave sample.nfe at 0")
         full = get_sigmas(preset.time_steps, preset.params["T"] if preset.time_steps == "ddpm" else 2,
                           **preset.time_step_kwargs)
@@ -73,10 +89,9 @@ def plan(preset: Preset, cfg: SampleConfig) -> Plan:
     else:
         target = cfg.nfe or SAMPLER_NFE.get(name, DEFAULT_NFE)
         if sampler_nfe(name, 1, **options) > target:
-            raise ValueError(f"sample.nfe={target} is below one step of {name} ({sampler_nfe(name, 1, **options)} "
+            raise BudgetError(f"sample.nfe={target} is below one step of {name} ({sampler_nfe(name, 1, **options)} "
                              f"evaluations with options {options or '{}'}); raise sample.nfe or lower the sampler's steps")
-        steps = max((k for k in range(1, 4 * target + 2)
-                     if sampler_nfe(name, k, from_infinity=infinite, **options) <= target), default=1)
+        steps = _most_steps(lambda k: sampler_nfe(name, k, from_infinity=infinite, **options), target)
     sigmas = get_sigmas(preset.time_steps, steps, **preset.time_step_kwargs)
     return Plan(name, sigmas, options, sampler_nfe(name, steps, from_infinity=infinite, **options))
 
@@ -179,7 +194,7 @@ class Samples:
         return text
 
 
-class _Counted:
+class Counted:
     """A denoiser D(x, sigma) that counts its calls."""
 
     def __init__(self, denoiser):
@@ -205,7 +220,7 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
                          f"this one is {model.parameterization!r}: use langevin for an unadjusted chain")
     labels = class_labels(cfg.classes, n, model.num_classes, device)
     D, wrapper = guided_denoiser(model, cfg, labels, device)
-    D = counted = _Counted(D)  # what the sampler spent, also where the plan cannot know it (adaptive)
+    D = counted = Counted(D)  # what the sampler spent, also where the plan cannot know it (adaptive)
     options = dict(p.options)
     if p.sampler == "ddpm" and model.learned_variance and "variance" not in options:
         # the learned Sigma of the network's last call: its first len(x) rows are the model's own

@@ -208,3 +208,13 @@ def test_cli_samples_with_adaptive_and_prints_the_nfe(tmp_path, capsys):
     assert 8 <= spent["1e-2"] < spent["1e-5"]
     assert main(["sample", str(run), "--sampler", "adaptive", "--set", "sample.rtol=0"]) == 2
     assert main(["sample", str(run), "--sampler", "adaptive", "--nfe", "20"]) == 2
+
+
+def test_a_run_trained_with_the_adaptive_sampler_reports_it(tmp_path):
+    from diffspace.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", "ring8", "--preset", "edm", "--steps", "1", "--out", str(run), "--quiet",
+                 "model.hidden=16", "model.depth=1", "data.n=200", "log.n_samples=4", "sample.sampler=adaptive"]) == 0
+    report = (run / "report.md").read_text()
+    assert "`adaptive` sampler, its own number of network evaluations" in report and "None" not in report

@@ -6,14 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import non_blank_png
 
 from diffspace.compare import load_spec, run_config, shipped_specs
 
 
-def _non_blank_png(path):
-    img = np.asarray(Image.open(path).convert("L"), dtype=float)
-    return img.shape[0] >= 100 and img.shape[1] >= 100 and img.std() > 8
 
 
 @pytest.mark.parametrize("name, datasets, runs, nfes", [
@@ -41,8 +38,8 @@ def test_shipped_spec_quick_through_the_entry_point(tmp_path, name, datasets, ru
             for measure, value, _ in row["likelihood"]:
                 assert np.isfinite(value), measure
         for figure in ["runs", "loss_per_level"] + (["quality_vs_nfe"] if len(nfes) > 1 else []):
-            assert _non_blank_png(out / f"{data_name}_{figure}.png"), figure
-    assert _non_blank_png(out / "weighting.png")
+            assert non_blank_png(out / f"{data_name}_{figure}.png"), figure
+    assert non_blank_png(out / "weighting.png")
     if name == "objectives":  # the hybrid run is measured with its learned Sigma, the others with beta
         lik = {row["label"]: row["likelihood"][0][0] for row in results["datasets"]["digits"]}
         assert "Sigma learned" in lik["hybrid, learned Sigma"] and "Sigma beta" in lik["L_simple"]
@@ -120,5 +117,5 @@ def test_guidance_spec_quick_through_the_entry_point(tmp_path):
     for row in rows:
         names = [name for name, _, _ in next(iter(row["quality"].values()))["rows"]]
         assert "label agreement (higher)" in names and any(n.startswith("FD per class") for n in names)
-    assert _non_blank_png(out / "digits_tradeoff.png")
+    assert non_blank_png(out / "digits_tradeoff.png")
     assert "autoguidance w=2" in (out / "results.md").read_text()

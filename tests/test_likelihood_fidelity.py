@@ -185,3 +185,24 @@ def test_the_eval_row_names_the_convention():
     assert names["beta_plain"][0] == "NLL bound (VLB, 10 steps, Sigma beta_plain), nats/dim"
     with pytest.raises(ValueError, match="vlb_variance='beta1'"):
         likelihood(model, x, 0, vlb_steps=(10,), vlb_variance="beta1")
+
+
+@pytest.mark.parametrize("parameterization", ["energy", "score", "precond"])
+def test_the_divergence_of_a_models_denoiser_matches_finite_differences(parameterization):
+    """The PF-ODE NLL's div_x (x - D(x, sigma)) by autograd against central differences in float64, on a
+    random (untrained) MLP model: for an energy model D holds grad E, so the divergence needs E's
+    Hessian; a score that forgot where z came from (a detached z inside grad E) gives only d."""
+    from diffspace.config import ModelConfig
+    from diffspace.evaluate import _divergence
+    from diffspace.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="edm", parameterization=parameterization, hidden=32, depth=2), (2,)).double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    sigma = torch.full((5,), 0.7, dtype=torch.float64)
+    f = lambda z: z - model(z, sigma)  # noqa: E731
+    _, div = _divergence(f, x, None)
+    h = 1e-5
+    fd = sum((f(x + h * e) - f(x - h * e))[:, i] / (2 * h) for i, e in enumerate(torch.eye(2, dtype=torch.float64)))
+    torch.testing.assert_close(div, fd, rtol=1e-6, atol=1e-6)
+    assert (div - 2).abs().max() > 1e-3  # the network's part of the divergence is there
