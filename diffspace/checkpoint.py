@@ -61,6 +61,10 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict,
     folder = Path(folder)
     name = f"{PREFIX}{step:08d}"
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    bad = non_finite(flat)
+    if bad:
+        raise ValueError(f"not writing checkpoint {name}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); the older checkpoints are kept")
     atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(flat, tmp))
     atomic_write_text(folder / f"{name}.json", json.dumps(dict(state, step=step), indent=1, sort_keys=True))
     if keep > 0:
@@ -68,6 +72,11 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict,
             old.with_suffix(".json").unlink(missing_ok=True)  # the marker first
             old.with_suffix(".safetensors").unlink(missing_ok=True)
     return folder / f"{name}.json"
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -13,6 +13,7 @@ This module imports nothing of diffspace: the model, sampling and training read 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,8 @@ class Config:
         for section, values in d.items():
             if section not in cls.__dataclass_fields__:
                 raise ValueError(f"unknown config section [{section}]; allowed: {', '.join(cls.__dataclass_fields__)}")
+            if not isinstance(values, dict):
+                raise ValueError(f"{section} = {values!r} must be a [{section}] table of options, e.g. [{section}] then key = value")
             for key, value in values.items():
                 if section == "sample" and key == "options":  # to_dict's nesting of the sampler options
                     for option, v in value.items():
@@ -128,6 +131,44 @@ class Config:
             lines += [f"{k} = {_toml_value(v)}" for k, v in {**values, **options}.items()]
             lines.append("")
         return "\n".join(lines)
+
+
+MAX_NFE = 10_000  # network evaluations per sample (5x score_sde's PC budget): more is a typo, not a plan
+# The allowed values of every numeric option: (low, high), inclusive, "(" / ")" marking an open end.
+# A list option's bounds apply to each entry. Floats must also be finite. Checked by set_option, so
+# TOML files, overrides and compare specs are all checked when they are read, before any work.
+RANGES = {
+    "data.size": (0, 4096), "data.channels": (0, 3), "data.n": (0, 10**8), "data.test_fraction": (0, 1, ")"),
+    "model.hybrid_lambda": (0, math.inf), "model.offset_noise": (0, math.inf), "model.label_dropout": (0, 1, ")"),
+    "model.base_channels": (1, 4096), "model.channel_mult": (1, 64), "model.num_blocks": (1, 64),
+    "model.attention": (1, 4096), "model.dropout": (0, 1, ")"), "model.hidden": (1, 1 << 16), "model.depth": (1, 256),
+    "train.steps": (1, 10**9), "train.batch_size": (1, 1 << 20), "train.lr": (0, math.inf, "("),
+    "train.lr_min_ratio": (0, 1), "train.warmup": (0, 10**9), "train.weight_decay": (0, math.inf),
+    "train.grad_clip": (0, math.inf), "train.ema_decay": (0, 1, ")"), "train.ema_sigma_rel": (0, 0.5, "()"),
+    "train.seed": (0, 2**63 - 1),
+    "log.every": (1, 10**9), "log.sample_every": (0, 10**9), "log.checkpoint_every": (1, 10**9),
+    "log.keep": (1, 10**6), "log.n_samples": (1, 10_000),
+    "sample.nfe": (0, MAX_NFE), "sample.guidance": (-math.inf, math.inf), "sample.guidance_interval": (0, math.inf),
+    "sample.guidance_rescale": (0, 1), "sample.classifier_scale": (-math.inf, math.inf), "sample.seed": (0, 2**63 - 1),
+}
+
+
+def check_range(key: str, value) -> None:
+    """ValueError naming key, value and the allowed range unless every number in value is allowed."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            if isinstance(value, list) and key in RANGES:
+                raise ValueError(f"{key}={value!r}: every entry must be a number")
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{key}={value!r} must be finite")
+        if key not in RANGES:
+            continue
+        low, high, *opened = RANGES[key]
+        ends = opened[0] if opened else ""
+        if v < low or v > high or (v == low and "(" in ends) or (v == high and ")" in ends):
+            allowed = f"{'(' if '(' in ends or low == -math.inf else '['}{low:g}, {high:g}{')' if ')' in ends or high == math.inf else ']'}"
+            raise ValueError(f"{key}={value!r} is out of range; allowed: {allowed}" + (" (each entry)" if isinstance(value, list) else ""))
 
 
 def _toml_value(v) -> str:
@@ -152,7 +193,9 @@ def set_option(cfg: Config, key: str, value) -> None:
         allowed = [f"{s}.{f}" for s in Config.__dataclass_fields__ for f in type(getattr(cfg, s)).__dataclass_fields__]
         raise ValueError(f"unknown option {key!r}; allowed: {', '.join(allowed)} (and sample.<sampler option>)")
     current = getattr(sub, name)
-    setattr(sub, name, _parse_like(value, current, key))
+    value = _parse_like(value, current, key)
+    check_range(key, value)
+    setattr(sub, name, value)
 
 
 def _number(text: str):

@@ -314,6 +314,10 @@ def load_model(path: Path, device="cpu", kind: str = "diffusion"):
     """(EMA model, Config, data info) of a run folder (its latest checkpoint) or a checkpoint file;
     `kind` is what the caller needs (a 'diffusion' model or a 'classifier'), checked."""
     tensors, state = ckpt.load(checkpoint_path(path))
+    bad = ckpt.non_finite({k: v for k, v in tensors.items() if k.startswith("ema.")})
+    if bad:
+        raise ValueError(f"{path}: the model's weights hold NaN or inf ({len(bad)} tensors, e.g. {bad[0]}); "
+                         "the run diverged: resume from an earlier checkpoint or retrain with a lower train.lr")
     cfg = Config.from_dict(state["config"])
     if cfg.model.kind != kind:
         raise ValueError(f"{path} holds a {cfg.model.kind} run; a {kind} run is needed here")

@@ -76,10 +76,29 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 # -- the training loop --------------------------------------------------------------------------------
+class Diverged(ValueError):
+    """Training met a non-finite loss or gradient: it stops there (no checkpoint of it is written)."""
+
+    def __init__(self, step: int, what: str, value: float, saved: int, cfg: TrainConfig):
+        kept = f"the last checkpoint (step {saved}) is kept" if saved else "no checkpoint was written"
+        super().__init__(f"training diverged at step {step}: {what} is {value} (train.lr={cfg.lr:g}, "
+                         f"train.grad_clip={cfg.grad_clip:g}); {kept}; lower train.lr, or check the data")
+
+
 def _device(name: str) -> torch.device:
+    """train.device: auto (cuda if available), cpu, cuda or cuda:N; ValueError for others or a missing GPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"train.device={name!r}; allowed: auto, cpu, cuda, cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"train.device={name!r}, but this torch sees {torch.cuda.device_count()} CUDA devices "
+                         f"(CUDA build: {torch.version.cuda is not None}); use train.device=cpu or auto")
+    return device
 
 
 def load_data(cfg: Config):
@@ -208,6 +227,10 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
+            finite = torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).tolist()
+            if not all(finite):  # stop before the optimizer takes it in; nothing of this step is saved
+                raise Diverged(step + 1, "the loss" if not finite[0] else "the gradient norm",
+                               loss.item() if not finite[0] else float(grad_norm), saved, cfg.train)
             opt.step()
             step += 1
             ema_update(ema, model, ema_decay(cfg.train, step))
@@ -249,7 +272,8 @@ def _write_report(run_dir: Path, cfg: Config, data, ema, seconds: float, test_se
     rates = [float(r["samples_per_s"]) for r in rows[len(rows) // 4:]] or [0.0]
     if isinstance(ema, Diffusion):
         p = plan(ema.preset, cfg.sample)
-        result = f"- samples: EMA weights, `{p.sampler}` sampler, {p.nfe} network evaluations\n\n![samples](samples/final.png)"
+        spent = f"{p.nfe} network evaluations" if p.nfe is not None else "its own number of network evaluations (adaptive)"
+        result = f"- samples: EMA weights, `{p.sampler}` sampler, {spent}\n\n![samples](samples/final.png)"
     else:
         result = "- held-out accuracy of the EMA classifier at noise level sigma: " + ", ".join(
             f"{s:g}: {100 * a:.1f}%" for s, a in classifier_accuracy(ema, test_set).items())

@@ -104,7 +104,7 @@ def test_reflow_of_a_non_flow_run(tmp_path):
     (["--sampler", "nope"], ["'nope'", "allowed"]),
     (["model.coupling=ot", "train.stepz=3"], ["unknown option 'train.stepz'"]),
     (["model.hidden=16"], ["does not fit this run's model"]),
-    (["model.offset_noise=-1"], ["offset_noise=-1.0", ">= 0"]),
+    (["model.offset_noise=-1"], ["offset_noise=-1.0", "allowed: [0, inf)"]),
 ])
 def test_bad_reflow_input_exits_2_with_one_line(one_rf, tmp_path, capsys, args, words):
     out = tmp_path / "bad"

@@ -1,0 +1,113 @@
+"""Reliability (issue 13, part 1): divergence stops training with one line and never reaches a
+checkpoint, the last good checkpoint survives, a model with non-finite weights is refused, and every
+numeric option is range-checked when it is read."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffspace import checkpoint as ckpt
+from diffspace.cli import main
+from diffspace.config import MAX_NFE, RANGES, load_config
+
+TINY = ["model.hidden=16", "model.depth=1", "data.n=300", "train.batch_size=32", "log.n_samples=4", "train.warmup=0"]
+
+
+def _train(out, *extra):
+    return main(["train", "--data", "ring8", "--preset", "edm", "--out", str(out), "--quiet", *TINY, *extra])
+
+
+@pytest.mark.parametrize("bad", ["train.lr=1e30", "data"])
+def test_divergence_stops_at_once_and_writes_no_checkpoint(tmp_path, capsys, bad):
+    if bad == "data":  # finite data whose loss overflows float32
+        np.save(tmp_path / "huge.npy", np.full((300, 2), 1e30, dtype=np.float32) * np.random.default_rng(0).standard_normal((300, 2)).astype(np.float32))
+        code = main(["train", "--data", str(tmp_path / "huge.npy"), "--preset", "edm", "--out", str(tmp_path / "r"),
+                     "--quiet", "--steps", "30", *TINY[:2], *TINY[3:]])
+    else:
+        code = _train(tmp_path / "r", "--steps", "30", bad)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "training diverged at step" in err and "no checkpoint was written" in err
+    assert ckpt.list_checkpoints(tmp_path / "r" / "checkpoints") == []
+
+
+def test_the_last_good_checkpoint_survives_a_later_divergence(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "20", "log.checkpoint_every=10", "log.keep=1") == 0
+    # the same run continued with a learning rate that blows it up: edit the saved config's lr
+    last = ckpt.latest(out / "checkpoints")
+    state = json.loads(last.with_suffix(".json").read_text())
+    state["config"]["train"]["lr"] = 1e30
+    state["config"]["train"]["steps"] = 40
+    last.with_suffix(".json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    # step 21's update (lr 1e30) throws the weights far out; step 22's loss shows it, before its update
+    assert "training diverged at step 22: the loss is nan" in err and "the last checkpoint (step 20) is kept" in err
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["ckpt-00000020"]
+    assert main(["sample", str(out), "--n", "4"]) == 0  # and it still samples
+
+
+def test_a_checkpoint_with_non_finite_tensors_is_never_written_or_used(tmp_path, capsys):
+    with pytest.raises(ValueError, match="not writing checkpoint ckpt-00000005: 1 tensors hold NaN"):
+        ckpt.save(tmp_path / "c", 5, {"a": torch.tensor([1.0, float("nan")]), "rng": torch.zeros(3, dtype=torch.uint8)}, {})
+    assert not list((tmp_path / "c").glob("*.safetensors"))
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "5") == 0
+    last = ckpt.latest(out / "checkpoints")
+    tensors, state = ckpt.load(last)
+    name = next(k for k in tensors if k.startswith("ema."))
+    tensors[name] = torch.full_like(tensors[name], float("inf"))
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(last.with_suffix(".safetensors")))
+    capsys.readouterr()
+    for command in (["sample", str(out), "--n", "4"], ["eval", str(out), "--n", "50"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "weights hold NaN or inf" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.grad_clip=-1", "allowed: [0, inf)"), ("train.ema_decay=2", "allowed: [0, 1)"),
+    ("train.lr_min_ratio=-1", "allowed: [0, 1]"), ("train.steps=-1", "allowed: [1, "), ("train.steps=0", "allowed: [1, "),
+    ("log.checkpoint_every=-1", "allowed: [1, "), ("log.every=0", "allowed: [1, "), ("log.n_samples=0", "allowed: [1, 10000]"),
+    ("train.lr=inf", "must be finite"), ("train.lr=nan", "must be finite"), ("train.lr=0", "allowed: (0, inf)"),
+    ("sample.nfe=100000", f"allowed: [0, {MAX_NFE}]"), ("model.channel_mult=[1,0]", "(each entry)"),
+    ("data.test_fraction=1", "allowed: [0, 1)"), ("model.label_dropout=-0.1", "allowed: [0, 1)"),
+    ("train.ema_sigma_rel=0.5", "allowed: (0, 0.5)"),
+])
+def test_numeric_options_are_range_checked_before_any_work(tmp_path, capsys, override, words):
+    key, value = override.split("=")
+    assert _train(tmp_path / "r", override) == 2
+    err = capsys.readouterr().err
+    assert f"{key}=" in err and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()  # before the run folder is made
+
+
+def test_every_range_is_met_by_the_defaults_and_a_toml_section_must_be_a_table(tmp_path):
+    cfg = load_config()
+    for key, (low, high, *_) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        for v in value if isinstance(value, list) else [value]:
+            assert low <= v <= high, key
+    bad = tmp_path / "bad.toml"
+    bad.write_text("train = 5\n")
+    with pytest.raises(ValueError, match=r"train = 5 must be a \[train\] table"):
+        load_config(bad)
+    assert math.isinf(RANGES["train.lr"][1])
+
+
+@pytest.mark.parametrize("device, words", [("bogus", "is not a device"), ("mps", "allowed: auto, cpu, cuda"),
+                                           ("cuda:7", "CUDA devices")])
+def test_a_bad_or_missing_device_is_one_line(tmp_path, capsys, device, words):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    assert _train(tmp_path / "r", f"train.device={device}") == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
