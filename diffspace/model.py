@@ -297,23 +297,29 @@ def build_model(cfg: ModelConfig, shape: tuple, num_classes: int = 0, levels: in
     raise ValueError(f"model.kind={cfg.kind!r}; allowed: diffusion, classifier")
 
 
-def checkpoint_path(path: Path) -> Path:
-    """The latest complete checkpoint of a run folder (or the checkpoint file itself)."""
+def load_checkpoint(path: Path) -> tuple[Path, dict, dict]:
+    """(stem, tensors, state) of a run folder's newest checkpoint that verifies (checkpoint.load_latest:
+    damaged ones are passed over, and named) or of a checkpoint file, verified."""
     path = Path(path)
     if path.is_dir():
-        found = ckpt.latest(path / "checkpoints") or ckpt.latest(path)
+        found = ckpt.load_latest(path / "checkpoints") or ckpt.load_latest(path)
         if found is None:
             raise ValueError(f"{path} holds no complete checkpoint (expected checkpoints/ckpt-*.json + .safetensors)")
         return found
     if not path.exists() and not path.with_suffix(".json").exists():
         raise ValueError(f"{path} is neither a run folder nor a checkpoint file")
-    return path
+    return (path.with_suffix("") if path.suffix in (".json", ".safetensors") else path, *ckpt.load(path))
+
+
+def checkpoint_path(path: Path) -> Path:
+    """The checkpoint load_checkpoint picks (a run folder's newest that verifies, or the file itself)."""
+    return load_checkpoint(path)[0]
 
 
 def load_model(path: Path, device="cpu", kind: str = "diffusion"):
     """(EMA model, Config, data info) of a run folder (its latest checkpoint) or a checkpoint file;
     `kind` is what the caller needs (a 'diffusion' model or a 'classifier'), checked."""
-    tensors, state = ckpt.load(checkpoint_path(path))
+    _, tensors, state = load_checkpoint(path)
     bad = ckpt.non_finite({k: v for k, v in tensors.items() if k.startswith("ema.")})
     if bad:
         raise ValueError(f"{path}: the model's weights hold NaN or inf ({len(bad)} tensors, e.g. {bad[0]}); "

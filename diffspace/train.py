@@ -21,6 +21,8 @@ import csv
 import dataclasses
 import functools
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +78,44 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 # -- the training loop --------------------------------------------------------------------------------
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT / SIGTERM: at a step boundary with a checkpoint of that step (the
+    first signal), or at once with the step in progress discarded (a second one)."""
+
+
+class StopSignals:
+    """While active (a `with` block in the main thread), the first SIGINT or SIGTERM only sets
+    `received` (the loop finishes its step, saves and stops: resume is exact whatever the moment of
+    the signal); a second one raises Interrupted at once. Elsewhere (another thread) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received, self.previous = None, {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise Interrupted(f"stopped at once by a second {signal.Signals(signum).name}; the step in progress is discarded")
+        self.received = signal.Signals(signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows of metrics.csv after `step` (logged past the checkpoint a run resumes from)."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [li for li in lines[1:] if li.split(",", 1)[0].isdigit() and int(li.split(",", 1)[0]) <= step]
+    if len(kept) != len(lines):
+        ckpt.atomic_write_text(path, "".join(kept))
+
+
 class Diverged(ValueError):
     """Training met a non-finite loss or gradient: it stops there (no checkpoint of it is written)."""
 
@@ -114,12 +154,12 @@ def load_data(cfg: Config):
 def init_weights(model: torch.nn.Module, init: str) -> None:
     """Load the EMA weights of a run folder or checkpoint into a new run's model (train.init; the EMA
     starts as a copy of it). Reflow starts the 2-RF model from the 1-RF one, as Liu et al. (2023) do."""
-    from .model import checkpoint_path
+    from .model import load_checkpoint
 
-    tensors, state = ckpt.load(checkpoint_path(Path(init)))
+    _, tensors, state = load_checkpoint(Path(init))
     try:
         ckpt.load_module(model, tensors, "ema")
-    except RuntimeError:
+    except ValueError:
         raise ValueError(f"train.init={init!r}: its network ({state['config']['model']['kind']}, preset "
                          f"{state['config']['model']['preset']!r}) does not fit this run's model (same [model] "
                          f"network settings and data shape needed)") from None
@@ -130,18 +170,27 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
     """Train into `run_dir` (a new run from `cfg`), or continue it (resume=True, cfg=None: the run's
     own config from its latest checkpoint). `steps` changes the total number of steps of a resumed
     run; `stop_at` stops early at that step with a checkpoint, as an interruption would (Ctrl-C also
-    writes one). Returns a summary dict (steps, seconds, model, ema, data, config)."""
+    writes one). Returns a summary dict (steps, seconds, model, ema, data, config). The folder is
+    locked while it runs (checkpoint.RunLock: a second writer is refused); stray temporary files of
+    a killed run are removed, a resume starts from the newest checkpoint that verifies."""
+    with StopSignals() as stop, ckpt.RunLock(Path(run_dir)):
+        return _train(cfg, Path(run_dir), stop, resume=resume, steps=steps, stop_at=stop_at, progress=progress)
+
+
+def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bool, steps: int | None,
+           stop_at: int | None, progress: bool) -> dict:
     from . import plots
     from .data import batch_indices
 
-    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        ckpt.remove_stray_files(folder)
     last = ckpt.latest(run_dir / "checkpoints")
     if resume:
         if cfg is not None:
             raise ValueError("a resumed run keeps its own config; only the number of steps may change")
         if last is None:
             raise ValueError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-        tensors, state = ckpt.load(last)
+        _, tensors, state = ckpt.load_latest(run_dir / "checkpoints")
         cfg = Config.from_dict(state["config"])
         if steps is not None:
             if steps < state["step"]:
@@ -202,6 +251,8 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
     metrics_path = run_dir / "metrics.csv"
     if step == 0 or not metrics_path.exists():
         metrics_path.write_text("step,loss,lr,grad_norm,samples_per_s,seconds\n")
+    else:
+        truncate_metrics(metrics_path, step)
     metrics = open(metrics_path, "a", newline="")
     writer = csv.writer(metrics)
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
@@ -209,7 +260,7 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
     start, seen, t_window, loss_sum, loss_n = time.time(), 0, time.time(), 0.0, 0
     saved = step
     try:
-        while step < end:
+        while step < end and stop.received is None:  # a signal stops the loop between steps
             idx = batch_indices(len(train_set), cfg.train.batch_size, step, cfg.train.seed).to(device)
             x = x_all[idx]
             labels = None
@@ -249,13 +300,17 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
             if step % cfg.log.checkpoint_every == 0 or step == end:
                 save_checkpoint()
                 saved = step
-    except KeyboardInterrupt:  # never lose work: the last finished step is saved before stopping
-        if step > saved:
+        if stop.received is not None and step > saved:  # the last finished step, exactly
             save_checkpoint()
-        raise
+            saved = step
     finally:
         bar.close()
         metrics.close()
+    if stop.received is not None:
+        if step == 0:
+            raise Interrupted(f"stopped by {stop.received.name} before the first step; nothing to save")
+        raise Interrupted(f"stopped by {stop.received.name} at step {step} of {cfg.train.steps}, saved; "
+                          f"continue with `diffspace train --resume {run_dir}`")
     seconds = time.time() - start
     if step == cfg.train.steps:
         plots.loss_curve(metrics_path, run_dir / "loss.png")

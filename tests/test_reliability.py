@@ -62,9 +62,11 @@ def test_a_checkpoint_with_non_finite_tensors_is_never_written_or_used(tmp_path,
     tensors, state = ckpt.load(last)
     name = next(k for k in tensors if k.startswith("ema."))
     tensors[name] = torch.full_like(tensors[name], float("inf"))
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # a consistent checkpoint (step, checksum) of NaN weights
 
-    save_file(tensors, str(last.with_suffix(".safetensors")))
+    digest = ckpt.checksum(tensors)
+    save_file(tensors, str(last.with_suffix(".safetensors")), metadata={"step": str(state["step"]), "sha256": digest})
+    last.with_suffix(".json").write_text(json.dumps({**state, "sha256": digest}))
     capsys.readouterr()
     for command in (["sample", str(out), "--n", "4"], ["eval", str(out), "--n", "50"]):
         assert main(command) == 2
@@ -111,3 +113,115 @@ def test_a_bad_or_missing_device_is_one_line(tmp_path, capsys, device, words):
     assert _train(tmp_path / "r", f"train.device={device}") == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+# -- checkpoints: verified, with fall-back ------------------------------------------------------------
+def _three_checkpoints(out):
+    assert _train(out, "--steps", "12", "log.checkpoint_every=4", "log.keep=5") == 0
+    return ckpt.list_checkpoints(out / "checkpoints")
+
+
+DAMAGE = {
+    "truncated": lambda st, js: st.write_bytes(st.read_bytes()[: len(st.read_bytes()) // 2]),
+    "empty": lambda st, js: st.write_bytes(b""),
+    "header": lambda st, js: st.write_bytes(b"\xff" * 16 + st.read_bytes()[16:]),
+    "64 flipped bytes": lambda st, js: st.write_bytes(
+        (lambda b: b[: len(b) // 2] + bytes(x ^ 0xFF for x in b[len(b) // 2: len(b) // 2 + 64]) + b[len(b) // 2 + 64:])(st.read_bytes())),
+    "json step edited": lambda st, js: js.write_text(json.dumps({**json.loads(js.read_text()), "step": 400})),
+    "json garbage": lambda st, js: js.write_text("{not json"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_named_and_passed_over(tmp_path, capsys, damage):
+    out = tmp_path / "r"
+    stems = _three_checkpoints(out)
+    newest = stems[-1]
+    DAMAGE[damage](newest.with_suffix(".safetensors"), newest.with_suffix(".json"))
+    with pytest.raises(ckpt.Damaged, match=newest.name):
+        ckpt.load(newest)
+    capsys.readouterr()
+    assert main(["sample", str(out), "--n", "4"]) == 0
+    err = capsys.readouterr().err
+    assert newest.name in err and "using the older ckpt-00000008" in err
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0  # resumes from step 8, retrains 9-12
+    assert json.loads(ckpt.latest(out / "checkpoints").with_suffix(".json").read_text())["step"] == 12
+    capsys.readouterr()
+    assert main(["sample", str(out), "--n", "4"]) == 0 and "using the older" not in capsys.readouterr().err
+
+
+def test_no_checkpoint_that_verifies_is_one_line_and_another_shape_names_what_differs(tmp_path, capsys):
+    out = tmp_path / "r"
+    for stem in _three_checkpoints(out):
+        DAMAGE["empty"](stem.with_suffix(".safetensors"), None)
+    capsys.readouterr()
+    for command in (["sample", str(out), "--n", "4"], ["eval", str(out)], ["train", "--resume", str(out)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "no checkpoint in" in err and "verifies" in err and err.count("\n") == 1 and "Traceback" not in err
+    from diffspace.model import Diffusion, build_model
+    from diffspace.config import ModelConfig
+
+    other = build_model(ModelConfig(preset="edm", hidden=24, depth=1), (2,))
+    good = tmp_path / "g"
+    _train(good, "--steps", "2")
+    tensors, _ = ckpt.load(ckpt.latest(good / "checkpoints"))
+    with pytest.raises(ValueError, match=r"shapes differ \(.*\(16, .* saved, \(24, .* here\).*hidden, depth"):
+        ckpt.load_module(other, tensors, "ema")
+    assert isinstance(other, Diffusion)
+
+
+def test_stray_temporary_files_are_removed_and_metrics_truncated_on_resume(tmp_path):
+    out = tmp_path / "r"
+    stems = _three_checkpoints(out)
+    for stem in stems[1:]:  # back to step 4, as after a crash that kept only the oldest
+        stem.with_suffix(".json").unlink()
+        stem.with_suffix(".safetensors").unlink()
+    stray = out / "checkpoints" / ".ckpt-00000008.safetensors.x1y2.tmp"
+    stray.write_bytes(b"half")
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert not stray.exists()
+    steps = [int(line.split(",")[0]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+def test_a_failed_write_leaves_no_orphan_and_one_line(tmp_path, monkeypatch, capsys):
+    real = ckpt.atomic_write_text
+
+    def disk_full(path, text):
+        if str(path).endswith(".json") and "ckpt-" in str(path):
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(ckpt, "atomic_write_text", disk_full)
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "4") == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1
+    assert not list((out / "checkpoints").glob("*")) if (out / "checkpoints").exists() else True
+
+
+def test_a_second_writer_is_refused_and_readers_are_not_blocked(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r"
+    assert _train(out, "--steps", "4") == 0  # a checkpoint to read
+    writer = subprocess.Popen([sys.executable, "-m", "diffspace", "train", "--resume", str(out), "--steps", "200000",
+                               "--quiet"], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            if (out / ".lock").exists() and f"process {writer.pid}" in (out / ".lock").read_text():
+                break
+            time.sleep(0.1)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by process {writer.pid}" in err and err.count("\n") == 1
+        assert main(["sample", str(out), "--n", "4"]) == 0  # a reader
+        writer.send_signal(__import__("signal").SIGTERM)
+        assert writer.wait(timeout=60) == 130 and "stopped by SIGTERM" in writer.stderr.read()
+    finally:
+        writer.kill()
+    assert main(["train", "--resume", str(out), "--quiet", "--steps", "5"]) == 0  # the lock died with its holder

@@ -1,12 +1,16 @@
 """Training loop, EMA, exact resume, checkpoints, config parsing and the sample path."""
 
+import importlib
 import json
 import math
+import os
+import signal
 import time
 
 import pytest
 import torch
 
+import diffspace.train as T
 from diffspace import checkpoint as ckpt
 from diffspace.analytic import ring8
 from diffspace.evaluate import noise_floor, sliced_wasserstein
@@ -103,29 +107,79 @@ def test_resume_errors(tmp_path):
         train(None, run, resume=True, steps=5, progress=False)
 
 
-def test_interrupt_saves_the_last_step(tmp_path, monkeypatch):
-    """Ctrl-C mid-run writes a checkpoint of the last finished step, and resuming from it matches."""
-    import diffspace.train as T
+# where a signal can land inside a step: the function patched, and which of its calls sends it
+SIGNAL_POINTS = [("diffspace.model.Diffusion.loss", 3), ("torch.nn.utils.clip_grad_norm_", 5),
+                 ("torch.optim.AdamW.step", 6), ("diffspace.train.ema_update", 7), ("diffspace.checkpoint.save", 2),
+                 ("diffspace.data.batch_indices", 11)]
 
-    calls = {"n": 0}
-    real = T.ema_update
 
-    def interrupting(ema, model, beta):
-        real(ema, model, beta)
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
+@pytest.mark.parametrize("target, call", SIGNAL_POINTS)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_anywhere_in_a_step_stops_exactly_and_resumes_bit_identically(tmp_path, monkeypatch, target, call, signum):
+    """SIGINT / SIGTERM sent from inside the loss, after backward, inside the optimizer step, the EMA
+    update, a checkpoint write or the batch draw: the step finishes, is saved, training stops with
+    Interrupted (no traceback from the CLI), and resuming gives the straight run's tensors exactly."""
+    module_name, _, attr = target.rpartition(".")
+    if module_name.endswith(("Diffusion", "AdamW")):  # a method of a class
+        mod, _, cls = module_name.rpartition(".")
+        owner = getattr(importlib.import_module(mod), cls)
+    else:
+        owner = importlib.import_module(module_name)
+    real, count = getattr(owner, attr), {"n": 0}
 
-    monkeypatch.setattr(T, "ema_update", interrupting)
+    def sending(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == call:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attr, sending)
     run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(T.Interrupted, match=f"stopped by {signum.name} at step"):
         train(_config(), run, progress=False)
-    assert _final_tensors(run)[1]["step"] == 7
+    monkeypatch.setattr(owner, attr, real)
+    stopped = _final_tensors(run)[1]["step"]
+    assert 1 <= stopped < 12
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    train(None, run, resume=True, progress=False)
+    train(_config(), tmp_path / "straight", progress=False)
+    a, b = _final_tensors(run)[0], _final_tensors(tmp_path / "straight")[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_a_second_signal_stops_at_once_and_discards_the_step(tmp_path, monkeypatch):
+    real, count = T.ema_update, {"n": 0}
+
+    def twice(*args):
+        count["n"] += 1
+        if count["n"] == 6:  # steps 1-4 are checkpointed (every 4); step 6 gets two signals
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(T, "ema_update", twice)
+    run = tmp_path / "run"
+    with pytest.raises(T.Interrupted, match="second SIGINT"):
+        train(_config(), run, progress=False)
+    assert _final_tensors(run)[1]["step"] == 4
     monkeypatch.setattr(T, "ema_update", real)
     train(None, run, resume=True, progress=False)
     train(_config(), tmp_path / "straight", progress=False)
     a, b = _final_tensors(run)[0], _final_tensors(tmp_path / "straight")[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cli_answers_an_interrupt_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    from diffspace.cli import main
+
+    real = T.ema_update
+    monkeypatch.setattr(T, "ema_update", lambda *a: (real(*a), os.kill(os.getpid(), signal.SIGINT) if a[2] >= 0 else None)[0])
+    code = main(["train", "--data", "ring8", "--out", str(tmp_path / "r"), "--quiet", "--steps", "10", "model.hidden=16",
+                 "model.depth=1", "data.n=300", "train.batch_size=32", "log.n_samples=4"])
+    err = capsys.readouterr().err
+    assert code == 130 and err.count("\n") == 1 and "stopped by SIGINT at step 1 of 10, saved" in err and "--resume" in err
 
 
 def test_training_set_smaller_than_batch(tmp_path):
@@ -152,11 +206,12 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
     tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
     path = ckpt.save(tmp_path, 7, tensors, {"note": "x"})
     loaded, state = ckpt.load(path)
-    assert state == {"note": "x", "step": 7} and json.loads(path.read_text())["step"] == 7
+    assert state == {"note": "x", "step": 7, "sha256": ckpt.checksum(tensors)} and json.loads(path.read_text())["step"] == 7
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     with open(path.with_suffix(".safetensors"), "rb") as f:  # safetensors: 8-byte header length + JSON header
         header_len = int.from_bytes(f.read(8), "little")
-        assert json.loads(f.read(header_len))["a"]["shape"] == [2, 3]
+        header = json.loads(f.read(header_len))
+        assert header["a"]["shape"] == [2, 3] and header["__metadata__"] == {"step": "7", "sha256": state["sha256"]}
 
 
 def test_sample_grids_every_k_steps_and_the_run_folder(tmp_path):
