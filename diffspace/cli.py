@@ -67,6 +67,14 @@ def cmd_train(args, kind: str = "diffusion") -> int:
     return 0
 
 
+MAX_SAMPLES = 100_000  # per call: the samples are held in memory at once
+
+
+def check_count(flag: str, n: int, low: int) -> None:
+    if not low <= n <= MAX_SAMPLES:
+        raise ValueError(f"{flag}={n} is out of range; allowed: {low} .. {MAX_SAMPLES}")
+
+
 def cmd_reflow(args) -> int:
     from .reflow import reflow
 
@@ -105,8 +113,7 @@ def cmd_sample(args) -> int:
     from .plots import save_samples
     from .sampling import sample
 
-    if args.n < 1:
-        raise ValueError(f"--n={args.n} must be >= 1")
+    check_count("--n", args.n, 1)
     model, cfg, _ = load_model(Path(args.run))
     acceptance = []  # mala's share of kept proposals, per noise level
     s = sample(model, args.n, sample_settings(args, cfg.sample),
@@ -135,8 +142,7 @@ def cmd_edit(args) -> int:
     modes = [args.mask is not None, args.strength is not None, args.invert]
     if sum(modes) != 1:
         raise ValueError("edit needs exactly one of --mask (inpainting), --strength (SDEdit) or --invert (encode + decode)")
-    if args.n < 1:
-        raise ValueError(f"--n={args.n} must be >= 1")
+    check_count("--n", args.n, 1)
     model, cfg, _ = load_model(Path(args.run))
     settings = sample_settings(args, cfg.sample)
     p = plan(model.preset, settings)
@@ -199,9 +205,10 @@ def cmd_eval(args) -> int:
     from .model import load_model
     from .samplers import check_tolerances
 
-    if args.n < 2 or args.nll_samples < 0 or (args.pf_ode_steps or 0) < 0:
-        raise ValueError(f"--n={args.n} must be >= 2, --nll-samples={args.nll_samples} and "
-                         f"--pf-ode-steps={args.pf_ode_steps} >= 0")
+    check_count("--n", args.n, 2)
+    check_count("--nll-samples", args.nll_samples, 0)
+    if (args.pf_ode_steps or 0) < 0:
+        raise ValueError(f"--pf-ode-steps={args.pf_ode_steps} must be >= 0")
     if args.pf_ode_rtol is not None and args.pf_ode_steps is not None:
         raise ValueError(f"--pf-ode-rtol={args.pf_ode_rtol:g} sets the adaptive solver; --pf-ode-steps="
                          f"{args.pf_ode_steps} asks for fixed RK4 steps instead (give one of them)")

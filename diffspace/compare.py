@@ -50,7 +50,7 @@ from . import plots
 from . import reflow as rf
 from .checkpoint import atomic_write_text, latest
 from .evaluate import NonFiniteSamples, likelihood, sample_quality
-from .config import Config, SampleConfig, apply_overrides, load_config, set_option
+from .config import MAX_NFE, Config, SampleConfig, apply_overrides, load_config, set_option
 from .model import checkpoint_path, load_model
 from .sampling import BudgetError, describe_guidance, plan, sample
 from .train import load_data, train
@@ -84,6 +84,7 @@ def load_spec(name_or_path: str) -> dict:
     unknown = set(spec) - {"title", "about", "base", "data", "run", "eval", "quick"}
     if unknown:
         raise ValueError(f"spec {path}: unknown top-level keys {sorted(unknown)}; allowed: title, about, base, data, run, eval, quick")
+    check_shape(spec, path)
     if not spec.get("data") or not spec.get("run"):
         raise ValueError(f"spec {path} needs at least one [data.<name>] table and one [[run]]")
     labels = [r.get("label", "") for r in spec["run"]]
@@ -94,6 +95,9 @@ def load_spec(name_or_path: str) -> dict:
         if keys - set(EVAL_DEFAULTS):
             raise ValueError(f"spec {path}: unknown {table} keys {sorted(keys - set(EVAL_DEFAULTS))}; "
                              f"allowed: {', '.join(EVAL_DEFAULTS)} (and [eval.<dataset>] tables of them)")
+    for where, options in [("[eval]", spec.get("eval", {})), ("[quick.eval]", spec.get("quick", {}).get("eval", {}))] + [
+            (f"[eval.{d}]", spec.get("eval", {}).get(d, {})) for d in spec["data"]]:
+        check_eval(options, f"spec {path} {where}")
     spec["name"] = path.stem
     for i, run in enumerate(spec["run"]):  # fail early, before any training
         extra = set(run.get("data", {})) - set(spec["data"])
@@ -110,6 +114,58 @@ def load_spec(name_or_path: str) -> dict:
         for data_name in spec["data"]:
             run_config(spec, data_name, run, quick=True)
     return spec
+
+
+RUN_TYPES = {"label": str, "sampler": str, "measure": bool, "data": dict, "reflow": str, "reflow_pairs": int, "reflow_nfe": int}
+
+
+def check_shape(spec: dict, path) -> None:
+    """ValueError unless the spec's tables are tables and its run keys of the right type."""
+    for key in ("title", "about"):
+        if not isinstance(spec.get(key, ""), str):
+            raise ValueError(f"spec {path}: {key} = {spec[key]!r} must be a string")
+    for key in ("base", "data", "eval", "quick"):
+        if not isinstance(spec.get(key, {}), dict):
+            raise ValueError(f"spec {path}: {key} = {spec[key]!r} must be a table ([{key}])")
+    for name, table in spec.get("data", {}).items():
+        if not isinstance(table, dict):
+            raise ValueError(f"spec {path}: data.{name} = {table!r} must be a table ([data.{name}])")
+    runs = spec.get("run", [])
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise ValueError(f"spec {path}: run = {runs!r} must be an array of tables ([[run]] blocks)")
+    for r in runs:
+        for key, kind in RUN_TYPES.items():
+            value = r.get(key)
+            if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                raise ValueError(f"spec {path}: a [[run]] has {key} = {value!r}; it must be a {kind.__name__}")
+        if any(k in r for k in REFLOW_KEYS) and "reflow" not in r:
+            raise ValueError(f"spec {path}: run {r.get('label')!r} has {', '.join(k for k in REFLOW_KEYS if k in r)} but no reflow = \"@label\"")
+        for key in REFLOW_KEYS:
+            if key in r and not 1 <= r[key] <= (10**7 if key == "reflow_pairs" else MAX_NFE):
+                raise ValueError(f"spec {path}: run {r.get('label')!r} has {key} = {r[key]}; allowed: 1 .. "
+                                 f"{10**7 if key == 'reflow_pairs' else MAX_NFE}")
+        if not all(isinstance(t, dict) for t in r.get("data", {}).values()):
+            raise ValueError(f"spec {path}: run {r.get('label')!r}: [run.data.<name>] entries must be tables")
+
+
+EVAL_RANGES = {"nfe": (0, MAX_NFE), "n": (2, 100_000), "seed": (0, 2**63 - 1), "vlb_steps": (0, 100_000),
+               "vlb_samples": (0, 100_000), "pf_ode_steps": (0, 100_000), "pf_ode_rtol": (0.0, 0.5)}
+
+
+def check_eval(options: dict, where: str) -> None:
+    """ValueError unless every [eval] value has its type (lists for nfe and vlb_steps) and range."""
+    for key, value in options.items():
+        if key not in EVAL_RANGES or isinstance(value, dict):
+            continue  # unknown keys and [eval.<data>] tables are reported elsewhere
+        listed = key in ("nfe", "vlb_steps")
+        items = value if listed and isinstance(value, list) else [value]
+        kind = float if key == "pf_ode_rtol" else int
+        low, high = EVAL_RANGES[key]
+        ok = (isinstance(value, list) == listed and items and all(
+            isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool) and low <= v <= high for v in items))
+        if not ok:
+            shape = f"a list of integers in [{low}, {high}]" if listed else f"a{'' if kind is float else 'n integer'} number in [{low:g}, {high:g}]"
+            raise ValueError(f"{where}: {key} = {value!r}; it must be {shape}")
 
 
 def run_config(spec: dict, data_name: str, run: dict, quick: bool = False, overrides=(), sampling: bool = True) -> Config:

@@ -125,8 +125,8 @@ def write_pairs(model, out: Path, p: Plan, pairs: int, seed: int, source: Path, 
 
 def check_pairs(cfg: Config, pairs: int) -> None:
     """ValueError unless `pairs` leave at least one training batch of the new run `cfg`."""
-    if pairs < 1:
-        raise ValueError(f"--pairs={pairs} must be >= 1")
+    if not 1 <= pairs <= 10**7:
+        raise ValueError(f"--pairs={pairs} must be >= 1 (and at most 10,000,000)")
     n_train = pairs - round(cfg.data.test_fraction * pairs)
     if n_train < cfg.train.batch_size:
         raise ValueError(f"--pairs={pairs} leaves {n_train} training pairs (data.test_fraction={cfg.data.test_fraction:g}), "
@@ -142,6 +142,10 @@ def reflow(run: Path, out: Path, *, pairs: int = 10_000, steps: int | None = Non
     train's summary with 'pairs' (the file) and 'plan' (the sampler used)."""
     from .train import _device, init_weights, train
 
+    from .config import MAX_NFE
+
+    if not 1 <= nfe <= MAX_NFE:
+        raise ValueError(f"--nfe={nfe} is out of range; allowed: 1 .. {MAX_NFE}")
     out = Path(out)
     if ckpt.latest(out / "checkpoints") is not None:
         raise ValueError(f"{out} already holds checkpoints; continue it with `diffspace train --resume {out}` or choose another folder")

@@ -225,3 +225,93 @@ def test_a_second_writer_is_refused_and_readers_are_not_blocked(tmp_path, capsys
     finally:
         writer.kill()
     assert main(["train", "--resume", str(out), "--quiet", "--steps", "5"]) == 0  # the lock died with its holder
+
+
+@pytest.mark.parametrize("text, words", [
+    ('run = 5\n[data.ring8]\n', "run = 5 must be an array of tables"),
+    ('[data.ring8]\n[[run]]\nlabel = 5\n', "label = 5; it must be a str"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\n[eval]\nnfe = "abc"\n', "nfe = 'abc'; it must be a list of integers"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\n[eval]\nnfe = [10, -1]\n', "it must be a list of integers in [0, 10000]"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\n[eval]\nn = 1\n', "n = 1; it must be an integer number in [2, 100000]"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\n[eval.ring8]\npf_ode_rtol = "x"\n', "pf_ode_rtol = 'x'"),
+    ('data = 3\n[[run]]\nlabel = "a"\n', "data = 3 must be a table"),
+    ('[data]\nring8 = 3\n[[run]]\nlabel = "a"\n', "data.ring8 = 3 must be a table"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\nreflow_pairs = 10\n', "but no reflow"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\n[[run]]\nlabel = "b"\nreflow = "@a"\nreflow_nfe = 0\n', "reflow_nfe = 0; allowed: 1 .. 10000"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\nmeasure = "no"\n', "measure = 'no'; it must be a bool"),
+])
+def test_bad_specs_are_one_line_before_any_training(tmp_path, capsys, text, words):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    assert main(["compare", str(spec), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+# -- SIGKILL at random points, checkpoint writes included -------------------------------------------
+KILL_RUN = ["--data", "ring8", "--preset", "edm", "--quiet", "--steps", "60", "model.hidden=32", "model.depth=2",
+            "data.n=500", "train.batch_size=32", "log.n_samples=4", "log.checkpoint_every=3", "log.keep=2", "log.every=2"]
+
+
+def _killed_then_resumed(out, delay, during_write, seed):
+    """Start `diffspace train` in a subprocess, SIGKILL it (after `delay` s of training, or the
+    moment a temporary checkpoint file appears), then resume it to the end in-process."""
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "diffspace", "train", "--out", str(out), *KILL_RUN],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0, killed_in_write = None, False
+    try:
+        while proc.poll() is None:
+            folder = out / "checkpoints"
+            if during_write and folder.is_dir() and any(folder.glob(".*.tmp")):
+                proc.kill()
+                killed_in_write = True
+                break
+            if t0 is None and folder.is_dir():
+                t0 = time.time()
+            if t0 is not None and not during_write and time.time() - t0 > delay:
+                proc.kill()
+                break
+            time.sleep(0.0005 if during_write else 0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    if ckpt.latest(out / "checkpoints") is None:  # killed before its first checkpoint: start again
+        assert main(["train", "--out", str(out), *KILL_RUN]) == 0
+    else:
+        assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    return killed_in_write
+
+
+def _kill_trials(tmp_path, trials):
+    import random
+
+    straight = tmp_path / "straight"
+    assert main(["train", "--out", str(straight), *KILL_RUN]) == 0
+    want, _ = ckpt.load(ckpt.latest(straight / "checkpoints"))
+    rng, identical, in_write = random.Random(0), 0, 0
+    for k in range(trials):
+        out = tmp_path / f"k{k}"
+        in_write += _killed_then_resumed(out, rng.uniform(0.0, 1.5), during_write=k % 3 == 2, seed=k)
+        got, state = ckpt.load(ckpt.latest(out / "checkpoints"))
+        assert state["step"] == 60 and not list((out / "checkpoints").glob(".*.tmp"))
+        identical += got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+        steps = [int(li.split(",")[0]) for li in (out / "metrics.csv").read_text().splitlines()[1:]]
+        assert steps == sorted(set(steps)), steps
+    return identical, in_write
+
+
+def test_sigkill_at_random_points_resumes_bit_identically(tmp_path):
+    identical, in_write = _kill_trials(tmp_path, 3)  # the third one at a checkpoint write
+    assert identical == 3
+
+
+@pytest.mark.slow
+def test_sigkill_many_times_resumes_bit_identically(tmp_path):
+    identical, in_write = _kill_trials(tmp_path, 30)
+    print(f"SIGKILL trials: 30, bit-identical resumes: {identical}, killed while a checkpoint file was open: {in_write}")
+    assert identical == 30 and in_write >= 1
