@@ -19,6 +19,7 @@ is written by one process at a time (`RunLock`, an OS-level lock released when t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -75,7 +76,14 @@ def save(folder: Path, step: int, tensors: dict[str, torch.Tensor], state: dict,
         raise ValueError(f"not writing checkpoint {name}: {len(bad)} tensors hold NaN or inf ({', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}); the older checkpoints are kept")
     digest = checksum(flat)
-    atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(flat, tmp, metadata={"step": str(step), "sha256": digest}))
+    def write(tmp):
+        try:
+            save_file(flat, tmp, metadata={"step": str(step), "sha256": digest})
+        except Exception as e:  # safetensors reports a full disk as its own error type
+            text = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise OSError(errno.ENOSPC if "No space" in text else errno.EIO, text, str(folder / f"{name}.safetensors")) from None
+
+    atomic_write(folder / f"{name}.safetensors", write)
     try:
         atomic_write_text(folder / f"{name}.json", json.dumps(dict(state, step=step, sha256=digest), indent=1, sort_keys=True))
     except BaseException:  # no orphan tensors file (it would only fill the disk)

@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffspace {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine's answer (disk full, no permission, a file where a folder must be)
-        print(f"diffspace {args.command}: error: {e.strerror or e} ({e.filename or 'no file named'})", file=sys.stderr)
+        print(f"diffspace {args.command}: error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # train.Interrupted says what was saved; elsewhere nothing is half-written
         print(f"diffspace {args.command}: {e or 'interrupted'}", file=sys.stderr)

@@ -315,3 +315,74 @@ def test_sigkill_many_times_resumes_bit_identically(tmp_path):
     identical, in_write = _kill_trials(tmp_path, 30)
     print(f"SIGKILL trials: 30, bit-identical resumes: {identical}, killed while a checkpoint file was open: {in_write}")
     assert identical == 30 and in_write >= 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.9 MB tmpfs, where the machine allows mounting one (root on Linux); else the test is skipped."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1900k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root on Linux)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_real_disk_full_is_one_line_and_leaves_the_earlier_checkpoints_loadable(small_disk, capsys):
+    out = small_disk / "r"  # ~760 KB per checkpoint (MLP 64 x 2: model, EMA, two Adam moments): two fit
+    code = main(["train", "--data", "ring8", "--preset", "edm", "--out", str(out), "--quiet", "--steps", "40",
+                 "model.hidden=64", "model.depth=2", "data.n=300", "train.batch_size=32", "log.n_samples=4",
+                 "log.checkpoint_every=5", "log.keep=10"])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and err.count("\n") == 1, err
+    stems = ckpt.list_checkpoints(out / "checkpoints")
+    assert stems, "the first checkpoints fit"
+    for stem in stems:
+        ckpt.load(stem)  # every checkpoint that counts verifies
+    names = {p.name for p in (out / "checkpoints").iterdir()}
+    assert names == {f"{s.name}{x}" for s in stems for x in (".json", ".safetensors")}  # no orphan, no temporary file
+
+
+def _bad_data(tmp_path, kind):
+    path = tmp_path / "bad"
+    if kind == "text file":
+        path = tmp_path / "d.txt"
+        path.write_text("1,2\n")
+    elif kind == "empty array":
+        path = tmp_path / "d.npy"
+        np.save(path, np.zeros((0, 2), np.float32))
+    elif kind == "nan array":
+        path = tmp_path / "d.npy"
+        np.save(path, np.full((100, 2), np.nan, np.float32))
+    elif kind == "1-d array":
+        path = tmp_path / "d.npy"
+        np.save(path, np.zeros(100, np.float32))
+    elif kind == "strings":
+        path = tmp_path / "d.npy"
+        np.save(path, np.array(["a", "b"]))
+    elif kind == "npz without x":
+        path = tmp_path / "d.npz"
+        np.savez(path, y=np.zeros((100, 2)))
+    elif kind == "not an npy":
+        path = tmp_path / "d.npy"
+        path.write_bytes(b"\x93NUMPY garbage")
+    elif kind == "empty folder":
+        path.mkdir()
+    elif kind == "corrupt image":
+        path.mkdir()
+        (path / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    elif kind == "missing":
+        path = tmp_path / "nothing.npy"
+    return path
+
+
+@pytest.mark.parametrize("kind", ["text file", "empty array", "nan array", "1-d array", "strings", "npz without x",
+                                  "not an npy", "empty folder", "corrupt image", "missing"])
+def test_bad_data_is_one_line_before_any_work(tmp_path, capsys, kind):
+    path = _bad_data(tmp_path, kind)
+    code = main(["train", "--data", str(path), "--out", str(tmp_path / "r"), "--quiet", "--steps", "2", "train.batch_size=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "r" / "checkpoints").exists()
