@@ -31,6 +31,8 @@ import torch
 
 from .samplers import SAMPLERS, heun
 
+MAX_REPAINT_STEPS = 100_000  # steps x resamplings of one RePaint run (RePaint's own: 250 x 10)
+
 Tensor = torch.Tensor
 
 MASKS = ("left", "right", "top", "bottom", "center")
@@ -126,6 +128,10 @@ def inpaint(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, sampler: str = "h
         raise ValueError(f"inpainting method={method!r}; allowed: {', '.join(METHODS)}")
     if jump_length < 1 or jump_n_sample < 1:
         raise ValueError(f"jump_length={jump_length} and jump_n_sample={jump_n_sample} must be >= 1")
+    steps = len(sigmas) - 1
+    if method == "repaint" and steps * jump_n_sample > MAX_REPAINT_STEPS:
+        raise ValueError(f"RePaint would take {steps} steps x jump_n_sample={jump_n_sample} = {steps * jump_n_sample} "
+                         f"sampler steps per input, above {MAX_REPAINT_STEPS}; lower --jump-n-sample or --nfe")
     if not (math.isfinite(reconstruction) and reconstruction >= 0):
         raise ValueError(f"reconstruction={reconstruction} must be a finite weight >= 0 (0: off)")
     mask = mask.to(y.device).expand_as(y)

@@ -27,7 +27,7 @@ OVERRIDE = st.tuples(st.one_of(st.sampled_from(KEYS), TEXT), VALUES).map(lambda 
 TINY = ["--data", "ring8", "--steps", "3", "--quiet", "model.hidden=8", "model.depth=1", "data.n=200",
         "train.batch_size=16", "log.n_samples=2", "sample.nfe=4", "log.checkpoint_every=2"]
 # DIFFSPACE_FUZZ_EXAMPLES=500 for a longer hunt (the default keeps the suite fast)
-FUZZ = settings(max_examples=int(os.environ.get("DIFFSPACE_FUZZ_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=int(os.environ.get("DIFFSPACE_FUZZ_EXAMPLES", 25)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _run(argv, capsys) -> int:
@@ -155,3 +155,42 @@ def test_random_specs_load_or_give_one_clear_error(tmp_path, spec):
         load_spec(str(path))
     except ValueError as e:
         assert "\n" not in str(e).strip() or "TOML" in str(e)
+
+
+EDIT_FLAGS = st.lists(st.one_of(
+    st.tuples(st.just("--mask"), st.sampled_from(["left", "top", "center", "bogus", "m.npz"])),
+    st.tuples(st.just("--strength"), NUMBERS.map(str)),
+    st.tuples(st.just("--invert")),
+    st.tuples(st.just("--method"), st.sampled_from(["replace", "repaint", "x"])),
+    st.tuples(st.just("--jump-length"), st.integers(-2, 10**6).map(str)),
+    st.tuples(st.just("--jump-n-sample"), st.integers(-2, 10**7).map(str)),
+    st.tuples(st.just("--reconstruction"), NUMBERS.map(str)),
+    st.tuples(st.just("--n"), st.integers(-2, 40).map(str)),
+    st.tuples(st.just("--nfe"), st.integers(-2, 50).map(str)),
+    st.tuples(st.just("--input"), st.sampled_from(["held-out", "ring8", "nowhere.npz", "digits"])),
+), max_size=4).map(lambda pairs: [x for p in pairs for x in p])
+
+
+@FUZZ
+@given(flags=EDIT_FLAGS)
+def test_edit_with_random_flags_exits_0_or_2(tiny_run, capsys, flags):
+    flags = flags if "--input" in flags else ["--input", "held-out", *flags]
+    _assert_clean(_run(["edit", str(tiny_run), *flags, "--out", str(tiny_run / "edit.png")], capsys), capsys)
+
+
+@FUZZ
+@given(flags=st.lists(st.one_of(
+    st.tuples(st.just("--pairs"), st.integers(-2, 10**8).map(str)),
+    st.tuples(st.just("--nfe"), st.integers(-2, 10**6).map(str)),
+    st.tuples(st.just("--steps"), st.integers(-2, 3).map(str)),
+    st.tuples(st.just("--sampler"), st.sampled_from(["euler", "heun", "ddpm", "adaptive", "x"])),
+    st.tuples(OVERRIDE)), max_size=3).map(lambda pairs: [x for p in pairs for x in p]))
+def test_reflow_with_random_flags_exits_0_or_2(tiny_run, tmp_path, capsys, flags):
+    out = tmp_path / "reflow"
+    shutil.rmtree(out, ignore_errors=True)
+    if "--pairs" not in flags:
+        flags = [*flags, "--pairs", "64"]
+    if "--nfe" not in flags:
+        flags = [*flags, "--nfe", "4"]
+    _assert_clean(_run(["reflow", str(tiny_run), "--out", str(out), "--quiet", "--steps", "2", *flags], capsys), capsys)
+    _assert_finite_checkpoints(out)
