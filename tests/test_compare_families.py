@@ -131,22 +131,17 @@ def test_a_reflow_run_trains_on_its_sources_pairs_from_its_weights(tiny):
     assert (folder / "pairs.npz").stat().st_mtime_ns == stamp
 
 
-def test_spec_errors_of_the_new_tables(tmp_path):
+@pytest.mark.parametrize("text, words", [
+    ('[data.ring8]\n[[run]]\nlabel = "a"\nreflow = "a"\n', "must name an earlier run as '@label'"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\nreflow = "@b"\n[[run]]\nlabel = "b"\n', "must name an earlier run"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\n[run.data.digits]\n"train.steps" = 3\n', r"\[run.data\] tables \['digits'\]"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\n[run.data.ring8]\n"train.stepz" = 3\n', "unknown option 'train.stepz'"),
+    ('[data.ring8]\n[[run]]\nlabel = "a"\n[eval.ring8]\nnfes = [1]\n', r"unknown \[eval.ring8\] keys \['nfes'\]"),
+])
+def test_spec_errors_of_the_new_tables(tmp_path, text, words):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[data.ring8]\n[[run]]\nlabel = "a"\nreflow = "a"\n')
-    with pytest.raises(ValueError, match="must name an earlier run as '@label'"):
-        load_spec(str(bad))
-    bad.write_text('[data.ring8]\n[[run]]\nlabel = "a"\nreflow = "@b"\n[[run]]\nlabel = "b"\n')
-    with pytest.raises(ValueError, match="must name an earlier run"):
-        load_spec(str(bad))
-    bad.write_text('[data.ring8]\n[[run]]\nlabel = "a"\n[run.data.digits]\n"train.steps" = 3\n')
-    with pytest.raises(ValueError, match=r"\[run.data\] tables \['digits'\]"):
-        load_spec(str(bad))
-    bad.write_text('[data.ring8]\n[[run]]\nlabel = "a"\n[run.data.ring8]\n"train.stepz" = 3\n')
-    with pytest.raises(ValueError, match="unknown option 'train.stepz'"):
-        load_spec(str(bad))
-    bad.write_text('[data.ring8]\n[[run]]\nlabel = "a"\n[eval.ring8]\nnfes = [1]\n')
-    with pytest.raises(ValueError, match=r"unknown \[eval.ring8\] keys \['nfes'\]"):
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=words):
         load_spec(str(bad))
 
 
