@@ -53,6 +53,7 @@ from .evaluate import NonFiniteSamples, likelihood, sample_quality
 from .config import MAX_NFE, Config, SampleConfig, apply_overrides, load_config, set_option
 from .model import checkpoint_path, load_model
 from .sampling import BudgetError, describe_guidance, plan, sample
+from .schedules import DiscreteVP
 from .train import load_data, train
 
 EVAL_DEFAULTS = {"nfe": [0], "n": 1000, "seed": 0, "vlb_steps": [0], "vlb_samples": 100, "pf_ode_steps": 0, "pf_ode_rtol": 0.0}
@@ -293,7 +294,9 @@ def measure_run(model, cfg: Config, run_spec: dict, options: dict, train_seconds
     default); nfe_used is what the sampler spent, the largest count that fits (Heun's 2n - 1 cannot
     hit an even NFE); an NFE below one step of the sampler gets no samples, a sampler that diverges
     no measures, and either one its reason as 'skipped'. `lik`: the likelihood rows of this model
-    measured already (by a run that shares its training)."""
+    measured already (by a run that shares its training). The VLB is computed for models trained on
+    a discrete chain only (DDPM, iDDPM, ...): for a continuous-time one the bound on some chain is not
+    its likelihood (its probability-flow ODE NLL is, pf_ode_steps / pf_ode_rtol)."""
     data, _, test = load_data(cfg)
     quality, shown = {}, None
     for nfe in options["nfe"]:
@@ -314,7 +317,8 @@ def measure_run(model, cfg: Config, run_spec: dict, options: dict, train_seconds
             shown = s.x
     if lik is None and options["vlb_samples"]:
         adaptive = options["pf_ode_rtol"] > 0
-        lik = likelihood(model, test.x[:options["vlb_samples"]], data.levels, vlb_steps=tuple(options["vlb_steps"]),
+        discrete = isinstance(model.schedule, DiscreteVP)  # the bound is the likelihood of a model of that chain only
+        lik = likelihood(model, test.x[:options["vlb_samples"]], data.levels, vlb_steps=tuple(options["vlb_steps"]) if discrete else (),
                          pf_ode_steps=None if adaptive else options["pf_ode_steps"],
                          pf_ode_rtol=options["pf_ode_rtol"] if adaptive else 1e-5, seed=options["seed"])
     lik = lik or []
