@@ -109,6 +109,7 @@ def _run_folder(run: str) -> Path:
 def cmd_sample(args) -> int:
     import numpy as np
 
+    from .evaluate import check_finite
     from .model import load_model
     from .plots import save_samples
     from .sampling import sample
@@ -118,6 +119,7 @@ def cmd_sample(args) -> int:
     acceptance = []  # mala's share of kept proposals, per noise level
     s = sample(model, args.n, sample_settings(args, cfg.sample),
                callback=lambda info: acceptance.append(info["acceptance"]) if "acceptance" in info else None)
+    check_finite(s.x, "nothing was written")
     out = Path(args.out) if args.out else _run_folder(args.run) / "samples" / "sample.png"
     save_samples(s.x, out, labels=s.labels)
     arrays = {"x": s.x.numpy(), **({"labels": s.labels.numpy()} if s.labels is not None else {})}
@@ -179,6 +181,9 @@ def cmd_edit(args) -> int:
             report = (f"probability-flow ODE encode + decode ({len(p.sigmas) - 2} Heun steps each way): round-trip RMSE "
                       f"{rmse:.3g} ({rmse / float(y.std()):.3g} of the data's std)")
             arrays["latent"], shown = z.numpy(), z.clamp(-3, 3) / 3
+    from .evaluate import check_finite
+
+    check_finite(x, "nothing was written")
     if source.labels is not None and args.mask is not None:
         from .evaluate import judge
 

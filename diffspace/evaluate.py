@@ -215,6 +215,14 @@ class NonFiniteSamples(ValueError):
     """Samples with NaN or inf in them (a sampler that diverged)."""
 
 
+def check_finite(x: Tensor, consequence: str) -> None:
+    """NonFiniteSamples (naming how many of x, and the consequence) unless every sample is finite."""
+    bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum())
+    if bad:
+        raise NonFiniteSamples(f"{bad} of {len(x)} samples are not finite (the sampler diverged; check its "
+                               f"options, e.g. step sizes); {consequence}")
+
+
 def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int = 0, inception: str | None = None,
                    feature_net=None) -> list[Row]:
     """Measures of samples x against the real data, each next to its noise floor, the same measure
@@ -229,10 +237,7 @@ def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int =
     * images with `inception` (a local FID Inception weights file): FD_inception (the FID with
       pytorch-fid's file), precision and recall in its features;
     * with the requested `labels` of conditional samples: `class_quality`."""
-    bad = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).sum())
-    if bad:
-        raise NonFiniteSamples(f"{bad} of {len(x)} samples are not finite (the sampler diverged); "
-                               "no measure of them would mean anything")
+    check_finite(x, "no measure of them would mean anything")
     from .analytic import MIXTURES
     from .data import MIXTURE_SPECS
 

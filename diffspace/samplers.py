@@ -496,6 +496,8 @@ def pc(denoiser, x, sigmas, *, predictor="reverse_diffusion", snr=0.16, n_correc
     """
     if predictor not in ("reverse_diffusion", "euler"):
         raise ValueError(f"predictor={predictor!r}: use 'reverse_diffusion' or 'euler'")
+    if not (snr > 0 and math.isfinite(snr)) or isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
+        raise ValueError(f"snr={snr} must be a finite number > 0 and n_corrector={n_corrector} an integer >= 0")
     levels = _levels(sigmas)
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
         denoised = _denoise(denoiser, x, sigma)

@@ -51,10 +51,16 @@ class Plan:
 
 
 def _most_steps(nfe_of, target: int) -> int:
-    """The largest k >= 1 with nfe_of(k) <= target (nfe_of increasing in k, nfe_of(1) <= target), by bisection."""
+    """The largest k in [1, 4 target + 1] with nfe_of(k) <= target (nfe_of non-decreasing in k,
+    nfe_of(1) <= target), by bisection; the cap holds where a sampler's options make steps free."""
+    cap = 4 * target + 1
     lo, hi = 1, 2
-    while nfe_of(hi) <= target:
+    while hi <= cap and nfe_of(hi) <= target:
         lo, hi = hi, 2 * hi
+    if hi > cap:
+        if nfe_of(cap) <= target:
+            return cap
+        hi = cap
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if nfe_of(mid) <= target else (lo, mid)

@@ -129,7 +129,7 @@ def test_training_with_offset_noise_and_ot_coupling_through_the_cli(tmp_path, ca
 
 @pytest.mark.parametrize("override, words", [
     ("model.coupling=sinkhorn", ["coupling='sinkhorn'", "independent, ot"]),
-    ("model.offset_noise=-0.1", ["offset_noise=-0.1", ">= 0"]),
+    ("model.offset_noise=-0.1", ["offset_noise=-0.1", "allowed: [0, inf)"]),
     ("model.offset_noise=nan", ["offset_noise=nan", "finite"]),
 ])
 def test_bad_coupling_and_offset_noise_exit_2_with_one_line(tmp_path, capsys, override, words):

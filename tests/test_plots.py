@@ -232,6 +232,19 @@ def test_save_samples_with_labels_one_row_per_class(tmp_path):
     _assert_png(plots.save_samples(torch.randn(50, 2), tmp_path / "p.png", labels=torch.arange(50) % 3))
 
 
+def test_samples_side_by_side_draws_every_panel_on_shared_axes(tmp_path):
+    from PIL import Image
+
+    ring = torch.randn(300, 2)
+    path = plots.samples_side_by_side({"near": ring * 0.5, "spread": ring * 50, "a\nb": ring}, tmp_path / "s.png",
+                                      reference=ring, title="t", columns=2)
+    img = Image.open(path)
+    assert img.height > img.width * 0.9  # 4 panels (data first) in 2 columns: 2 rows
+    _assert_png(path)
+    _assert_png(plots.samples_side_by_side({"x": torch.rand(10, 1, 8, 8) * 2 - 1}, tmp_path / "i.png",
+                                           reference=torch.rand(10, 1, 8, 8) * 2 - 1))
+
+
 def test_every_figure_function_is_tested():
     """Each public function of plots that writes to a `path` has a test above."""
     figures = {name for name, f in inspect.getmembers(plots, inspect.isfunction)
@@ -239,5 +252,5 @@ def test_every_figure_function_is_tested():
                and "path" in inspect.signature(f).parameters}
     tested = {"forward_process_figure", "save_samples", "samples_vs_data", "forward_process_images",
               "reverse_snapshots", "loss_curve", "reverse_trajectories", "loss_per_noise_level_figure",
-              "weighting_figure", "quality_vs_nfe", "bar_table", "tradeoff"}
+              "weighting_figure", "quality_vs_nfe", "bar_table", "tradeoff", "samples_side_by_side"}
     assert figures == tested
