@@ -27,7 +27,7 @@ OVERRIDE = st.tuples(st.one_of(st.sampled_from(KEYS), TEXT), VALUES).map(lambda 
 TINY = ["--data", "ring8", "--steps", "3", "--quiet", "model.hidden=8", "model.depth=1", "data.n=200",
         "train.batch_size=16", "log.n_samples=2", "sample.nfe=4", "log.checkpoint_every=2"]
 # DIFFSPACE_FUZZ_EXAMPLES=500 for a longer hunt (the default keeps the suite fast)
-FUZZ = settings(max_examples=int(os.environ.get("DIFFSPACE_FUZZ_EXAMPLES", 25)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=int(os.environ.get("DIFFSPACE_FUZZ_EXAMPLES", 15)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def _run(argv, capsys) -> int:
