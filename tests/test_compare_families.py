@@ -149,7 +149,7 @@ def test_spec_errors_of_the_new_tables(tmp_path, text, words):
 def test_the_families_spec_has_every_family_at_equal_size_and_images():
     spec = load_spec("families")
     labels = [r["label"] for r in spec["run"]]
-    assert labels == ["DDPM (eps)", "NCSN, Langevin", "NCSN, PC", "EDM, Heun", "EDM, deis_pc", "energy, Heun",
+    assert labels == ["DDPM (eps)", "EDM, Heun", "EDM, deis_pc", "NCSN, Langevin", "NCSN, PC", "energy, Heun",
                       "energy, MALA", "flow, independent", "flow, OT", "flow, 2-RF"]
     for data_name in ("ring8", "digits"):
         cfgs = {r["label"]: run_config(spec, data_name, r) for r in spec["run"]}
@@ -161,9 +161,12 @@ def test_the_families_spec_has_every_family_at_equal_size_and_images():
         for a, b in [("NCSN, Langevin", "NCSN, PC"), ("EDM, Heun", "EDM, deis_pc"), ("energy, Heun", "energy, MALA")]:
             assert (training_config(spec, data_name, runs[a]).to_toml() == training_config(spec, data_name, runs[b]).to_toml())
         assert cfgs["flow, OT"].model.coupling == "ot" and cfgs["flow, independent"].model.coupling == "independent"
-    ring, digits = (run_config(spec, d, spec["run"][1]) for d in ("ring8", "digits"))
+    ring, digits = (run_config(spec, d, runs["NCSN, Langevin"]) for d in ("ring8", "digits"))
     assert (ring.model.preset, ring.sample.nfe, ring.model.parameterization) == ("ve", 0, "score")
-    assert (digits.model.preset, digits.sample.nfe, digits.sample.options) == ("edm", 501, {"n_steps": 5})
+    assert (digits.model.preset, digits.model.parameterization, digits.sample.nfe, digits.sample.options) == (
+        "edm", "precond", 501, {"n_steps": 5})
+    # on the digits NCSN is the EDM model's score: one training, in EDM's folder (EDM comes first)
+    assert training_config(spec, "digits", runs["NCSN, PC"]).to_toml() == training_config(spec, "digits", runs["EDM, Heun"]).to_toml()
     assert compare.eval_options(spec, "ring8")["pf_ode_rtol"] == 1e-5 and compare.eval_options(spec, "digits")["pf_ode_rtol"] == 0
 
 
