@@ -49,8 +49,7 @@ def test_short_training_on_the_ring_reaches_twice_the_noise_floor(tmp_path):
     sw2 = sliced_wasserstein(x, mixture.sample(n, torch.Generator().manual_seed(6)))
     floor = noise_floor(mixture.sample, n)
     seconds = time.time() - t0
-    assert sw2 <= 2 * floor, f"SW2 {sw2:.4f} vs floor {floor:.4f} after {seconds:.0f} s"
-    assert seconds < 60
+    assert sw2 <= 2 * floor, f"SW2 {sw2:.4f} vs floor {floor:.4f} after {seconds:.0f} s"  # its speed: benchmarks/
 
 
 # -- exact resume -------------------------------------------------------------------------------------
