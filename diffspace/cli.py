@@ -29,9 +29,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+MAX_DEMO_SCALE = 100
+
+
 def cmd_demo(args) -> int:
     from .demo import run
 
+    if not 0 < args.scale <= MAX_DEMO_SCALE:  # NaN fails this too
+        raise ValueError(f"--scale={args.scale:g} is out of range; allowed: (0, {MAX_DEMO_SCALE}] (1: the full demo)")
     out = Path(args.out)
     r = run(out, scale=args.scale, progress=not args.quiet)
     d, ring = r["digits"], r["ring8"]

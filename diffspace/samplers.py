@@ -9,7 +9,8 @@ where ``x`` is the noisy state at ``sigmas[0]`` (e.g. ``sigmas[0] * randn``), ``
 decreasing 1-D grid (normally ending in 0, see `get_sigmas`) and the result is the sample at
 ``sigmas[-1]``. ``callback(dict(i=, x=, sigma=, denoised=))`` is called once per step with the state
 before the step. Randomness comes only from ``generator`` (on the device of ``x``); deterministic
-samplers accept and ignore it. Unknown options raise TypeError naming the option.
+samplers accept and ignore it. Unknown options raise TypeError naming the option, values outside
+`OPTION_RULES` ValueError naming the value and what is allowed.
 
 The probability-flow ODE in this space is (Karras et al. 2022, eq. 4 with sigma(t) = t, s(t) = 1)
 
@@ -110,8 +111,7 @@ def step_from_infinity(denoiser, eps: Tensor, sigma_next: float, eta: float = 0.
     the limit sigma -> inf of `_step` with DDIM's (sigma_down, sigma_up) (Song et al. 2021a, eq. 12;
     Lin et al. 2024, sec. 3.3: the sampler starts from pure noise at alpha-bar_T = 0). One evaluation,
     reported to the callback as step 0 at sigma = inf."""
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta={eta} must lie in [0, 1]")
+    _check_options("ddim", dict(eta=eta))
     denoised = _denoise(denoiser, eps, math.inf)
     _report(callback, 0, eps, math.inf, denoised)
     x = denoised + math.sqrt(1 - eta**2) * sigma_next * eps
@@ -381,6 +381,7 @@ def edm_sde(denoiser, x, sigmas, *, S_churn=0.0, S_tmin=0.0, S_tmax=math.inf, S_
     Defaults are the generic (S_churn = 0: plain Heun); the paper's tuned values are e.g.
     S_churn = 80, S_tmin = 0.05, S_tmax = 50, S_noise = 1.003 (ImageNet-64, Table 5).
     """
+    _check_options("edm_sde", dict(S_churn=S_churn, S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise))
     levels = _levels(sigmas)
     n = len(levels) - 1
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
@@ -416,9 +417,8 @@ def ddpm(denoiser, x, sigmas, *, variance="beta", generator=None, callback=None)
     No noise on the step to sigma = 0 (z = 0 at t = 1), so the variance at t = 1, where the bound's
     conventions differ (process.reverse_variance: 'beta' vs 'beta_plain'), plays no part here.
     """
+    _check_options("ddpm", dict(variance=variance))
     learned = callable(variance)
-    if not learned and variance not in ("beta", "beta_tilde"):
-        raise ValueError(f"variance={variance!r}: use 'beta', 'beta_tilde' or a callable (x, sigma) -> (D, v)")
     levels = _levels(sigmas)
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
         if learned:
@@ -445,8 +445,7 @@ def ddim(denoiser, x, sigmas, *, eta=0.0, generator=None, callback=None):
     x_next = D + sigma_down (x - D) / s + sigma_up z.
     eta = 0 is Euler in sigma; eta = 1 is DDPM with the posterior variance (beta_tilde). 0 <= eta <= 1.
     """
-    if not 0 <= eta <= 1:
-        raise ValueError(f"eta={eta} must lie in [0, 1]")
+    _check_options("ddim", dict(eta=eta))
     levels = _levels(sigmas)
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
         denoised = _denoise(denoiser, x, sigma)
@@ -494,10 +493,7 @@ def pc(denoiser, x, sigmas, *, predictor="reverse_diffusion", snr=0.16, n_correc
     Langevin steps at sigma_{i+1} with signal-to-noise ratio `snr` (0.16 is their CIFAR-10 VE value).
     The step to sigma = 0 is noise-free (reverse diffusion's mean is exactly D there) and uncorrected.
     """
-    if predictor not in ("reverse_diffusion", "euler"):
-        raise ValueError(f"predictor={predictor!r}: use 'reverse_diffusion' or 'euler'")
-    if not (snr > 0 and math.isfinite(snr)) or isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or n_corrector < 0:
-        raise ValueError(f"snr={snr} must be a finite number > 0 and n_corrector={n_corrector} an integer >= 0")
+    _check_options("pc", dict(predictor=predictor, snr=snr, n_corrector=n_corrector))
     levels = _levels(sigmas)
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
         denoised = _denoise(denoiser, x, sigma)
@@ -519,11 +515,10 @@ def langevin(denoiser, x, sigmas, *, eps=None, n_steps=100, final_denoise=True, 
     final_denoise=True (default) ends with x <- D(x, sigma_L), Tweedie's denoising step of
     Jolicoeur-Martineau et al. (2021), so the output is at sigma = 0; False returns x at sigma_L.
     """
+    _check_options("langevin", dict(eps=eps, n_steps=n_steps, final_denoise=final_denoise))
     levels = [s for s in _levels(sigmas) if s > 0]
     sigma_last = levels[-1]
     eps = 0.2 * sigma_last**2 if eps is None else eps
-    if eps <= 0 or n_steps < 1:
-        raise ValueError(f"eps={eps} must be > 0 and n_steps={n_steps} >= 1")
     for i, sigma in enumerate(levels):
         step = eps * sigma**2 / sigma_last**2
         for _ in range(n_steps):
@@ -556,11 +551,10 @@ def mala(denoiser, x, sigmas, *, energy=None, eps=None, n_steps=100, final_denoi
     if energy is None:
         raise ValueError("mala needs energy=callable(x, sigma) -> (B,) for the Metropolis-Hastings test "
                          "(an energy model's, parameterization 'energy'; for the exact mixture -log_prob)")
+    _check_options("mala", dict(energy=energy, eps=eps, n_steps=n_steps, final_denoise=final_denoise))
     levels = [s for s in _levels(sigmas) if s > 0]
     sigma_last = levels[-1]
     eps = 0.2 * sigma_last**2 if eps is None else eps
-    if eps <= 0 or n_steps < 1:
-        raise ValueError(f"eps={eps} must be > 0 and n_steps={n_steps} >= 1")
 
     def evaluate(y: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
         """(D, score, energy in float64) at y."""
@@ -727,8 +721,7 @@ def unipc(denoiser, x, sigmas, *, order=3, variant="bh2", lower_order_final=True
     The step to sigma = 0 uses the last noise prediction eps = (x_pred - D) / sigma on the corrected
     state: x <- x_corr - sigma eps (= D when the corrector changed nothing).
     """
-    if variant not in ("bh1", "bh2") or order not in (1, 2, 3):
-        raise ValueError(f"variant={variant!r} must be 'bh1' or 'bh2' and order={order} 1, 2 or 3")
+    _check_options("unipc", dict(order=order, variant=variant, lower_order_final=lower_order_final))
     levels = _levels(sigmas)
     n_ode = len(levels) - 1 - (levels[-1] == 0)  # multistep steps between positive sigmas
     history: list[tuple[float, Tensor]] = []
@@ -755,8 +748,7 @@ def ipndm(denoiser, x, sigmas, *, order=4, generator=None, callback=None):
     x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * {d_i, (3d_i - d_{i-1})/2, (23d_i - 16d_{i-1} + 5d_{i-2})/12,
     (55d_i - 59d_{i-1} + 37d_{i-2} - 9d_{i-3})/24}[order - 1]. The step to sigma = 0 is x <- D.
     """
-    if order not in (1, 2, 3, 4):
-        raise ValueError(f"order={order} must be 1, 2, 3 or 4")
+    _check_options("ipndm", dict(order=order))
     levels = _levels(sigmas)
     ds: list[Tensor] = []
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
@@ -823,8 +815,7 @@ def deis_pc(denoiser, x, sigmas, *, order=4, rho=7.0, lower_order_final=True, ge
 
 
 def _deis(denoiser, x, sigmas, order, rho, corrector: bool, lower_order_final: bool, callback):
-    if order not in (1, 2, 3, 4) or rho <= 0:
-        raise ValueError(f"order={order} must be 1, 2, 3 or 4 and rho={rho} > 0")
+    _check_options("deis", dict(order=order, rho=rho))
     levels = _levels(sigmas)
     n_ode = len(levels) - 1 - (levels[-1] == 0)  # steps between positive sigmas
     history: list[tuple[float, Tensor]] = []  # (tau, d), newest last
@@ -881,11 +872,62 @@ def get_sampler(name: str):
     return SAMPLERS[name]
 
 
+def _real(low: float = 0.0, high: float = math.inf, *, low_open: bool = False, infinite: bool = False):
+    """Test: a number (not a bool) in [low, high] ((low, high] with low_open), finite unless `infinite`."""
+    def test(v) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return False
+        return (math.isfinite(v) or infinite) and (v > low if low_open else v >= low) and v <= high
+    return test
+
+
+def _integer(low: int, high: int):
+    return lambda v: not isinstance(v, bool) and isinstance(v, int) and low <= v <= high
+
+
+def _one_of(*choices):
+    return lambda v: isinstance(v, str) and v in choices
+
+
+# The allowed values of every sampler option: option -> (test, what is allowed); (sampler, option)
+# where one sampler differs. `_check_options` applies them, so `sampler_nfe` (and through it
+# `sampling.plan`, before any training or sampling starts) and each sampler refuse a bad value.
+OPTION_RULES = {
+    "eta": (_real(0, 1), "a number in [0, 1]"),
+    "S_churn": (_real(), "a finite number >= 0"),
+    "S_tmin": (_real(), "a finite number >= 0"),
+    "S_tmax": (_real(infinite=True), "a number >= 0 (inf: no upper limit)"),
+    "S_noise": (_real(), "a finite number >= 0"),
+    "rho": (_real(low_open=True), "a finite number > 0"),
+    "snr": (_real(low_open=True), "a finite number > 0"),
+    "eps": (lambda v: v is None or _real(low_open=True)(v), "a finite number > 0 (default: 0.2 sigma_min^2)"),
+    "rtol": (_real(low_open=True), "a finite number > 0"),
+    "atol": (lambda v: v is None or _real(low_open=True)(v), "a finite number > 0 (default: rtol)"),
+    "n_corrector": (_integer(0, 10_000), "an integer in [0, 10000]"),
+    "n_steps": (_integer(1, 10**6), "an integer in [1, 1000000]"),
+    "order": (_integer(1, 4), "1, 2, 3 or 4"),
+    ("unipc", "order"): (_integer(1, 3), "1, 2 or 3"),
+    "variant": (_one_of("bh1", "bh2"), "'bh1' or 'bh2'"),
+    "predictor": (_one_of("reverse_diffusion", "euler"), "'reverse_diffusion' or 'euler'"),
+    "variance": (lambda v: callable(v) or _one_of("beta", "beta_tilde")(v),
+                 "'beta', 'beta_tilde' or a callable (x, sigma) -> (D, v)"),
+    "final_denoise": (lambda v: isinstance(v, bool), "true or false"),
+    "lower_order_final": (lambda v: isinstance(v, bool), "true or false"),
+    "energy": (lambda v: v is None or callable(v), "a callable (x, sigma) -> (B,)"),
+    "schedule": (lambda v: v is None or isinstance(v, Schedule), "a diffspace Schedule or none"),
+}
+
+
 def _check_options(name: str, options: dict) -> None:
-    allowed = set(inspect.signature(get_sampler(name)).parameters) - {"denoiser", "x", "sigmas"}
+    """TypeError for an option `name` does not take; ValueError naming any value OPTION_RULES refuses."""
+    allowed = set(inspect.signature(get_sampler(name)).parameters) - {"denoiser", "x", "sigmas", "generator", "callback"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(f"sampler {name!r} got unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    for key, value in options.items():
+        test, what = OPTION_RULES.get((name, key)) or OPTION_RULES[key]
+        if not test(value):
+            raise ValueError(f"sampler {name!r}: option {key}={value!r} is not allowed; allowed: {what}")
 
 
 def sampler_nfe(name: str, n_steps: int, /, *, from_infinity: bool = False, **options) -> int | None:

@@ -80,7 +80,7 @@ def plan(preset: Preset, cfg: SampleConfig) -> Plan:
     options = {**preset.sampler_options(name), **cfg.options}
     try:
         counted_ahead = sampler_nfe(name, 1, **options) is not None
-    except TypeError as e:  # an unknown option, named by the sampler
+    except (TypeError, ValueError) as e:  # an unknown option or a bad value, named by the sampler
         raise ValueError(f"sample: {e}") from None
     infinite = math.isinf(get_sigmas(preset.time_steps, 1, **preset.time_step_kwargs)[0].item())
     if not counted_ahead:  # adaptive: its own steps between the ends of the preset's grid, counted by `sample`

@@ -8,13 +8,14 @@ import shutil
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from diffspace import checkpoint as ckpt
 from diffspace.cli import main
 from diffspace.compare import load_spec
 from diffspace.config import Config
+from diffspace.samplers import OPTION_RULES
 
 KEYS = [f"{s}.{f}" for s in Config.__dataclass_fields__ for f in type(getattr(Config(), s)).__dataclass_fields__
         if (s, f) not in (("sample", "options"), ("train", "init"), ("sample", "guide_run"), ("sample", "classifier"))]
@@ -54,11 +55,11 @@ def _assert_finite_checkpoints(run):
 
 
 @FUZZ
-@given(overrides=st.lists(OVERRIDE, min_size=1, max_size=3))
-def test_train_with_random_overrides_exits_0_or_2_and_never_writes_nan(tmp_path, capsys, overrides):
+@given(overrides=st.lists(OVERRIDE, min_size=1, max_size=3), command=st.sampled_from(["train", "train-classifier"]))
+def test_train_with_random_overrides_exits_0_or_2_and_never_writes_nan(tmp_path, capsys, overrides, command):
     run = tmp_path / "run"
     shutil.rmtree(run, ignore_errors=True)
-    code = _run(["train", *TINY, "--out", str(run), *overrides], capsys)
+    code = _run([command, *TINY, "--out", str(run), *overrides], capsys)
     _assert_clean(code, capsys)
     _assert_finite_checkpoints(run)
 
@@ -106,6 +107,7 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+SAMPLER_OPTIONS = sorted(k for k in OPTION_RULES if isinstance(k, str))
 SAMPLE_FLAGS = st.lists(st.one_of(
     st.tuples(st.just("--nfe"), st.integers(-5, 200_000).map(str)),
     st.tuples(st.just("--n"), st.integers(-5, 300).map(str)),
@@ -114,6 +116,7 @@ SAMPLE_FLAGS = st.lists(st.one_of(
     st.tuples(st.just("--class"), st.sampled_from(["3", "all", "x", ""])),
     st.tuples(st.just("--guidance"), NUMBERS.map(str)),
     st.tuples(st.just("--set"), OVERRIDE.map(lambda o: "sample." + o.split(".", 1)[-1])),
+    st.tuples(st.just("--set"), st.tuples(st.sampled_from(SAMPLER_OPTIONS), VALUES).map(lambda kv: f"sample.{kv[0]}={kv[1]}")),
 ), max_size=3).map(lambda pairs: [x for p in pairs for x in p])
 
 
@@ -194,3 +197,50 @@ def test_reflow_with_random_flags_exits_0_or_2(tiny_run, tmp_path, capsys, flags
         flags = [*flags, "--nfe", "4"]
     _assert_clean(_run(["reflow", str(tiny_run), "--out", str(out), "--quiet", "--steps", "2", *flags], capsys), capsys)
     _assert_finite_checkpoints(out)
+
+
+TINY_SPEC = """
+[base]
+"model.hidden" = 8
+"model.depth" = 1
+"data.n" = 200
+"train.steps" = 3
+"train.batch_size" = 16
+"log.n_samples" = 2
+"log.checkpoint_every" = 2
+[data.ring8]
+[eval]
+nfe = [4]
+n = 40
+vlb_steps = [0]
+"""
+RUN_KEYS = st.sampled_from(["sampler", "model.preset", "train.lr", "sample.nfe", "sample.eta", "sample.S_churn", "measure",
+                            "model.parameterization", "train.steps", "reflow", "reflow_nfe"])
+PLAUSIBLE = st.sampled_from(["euler", "ddim", "vp", "v", "eps", "@r0", 1e-3, 0.5, 4, 0, -1, False, True])  # often valid
+
+
+@FUZZ
+@given(runs=st.lists(st.dictionaries(RUN_KEYS, st.one_of(PLAUSIBLE, PLAUSIBLE, TOML_VALUES), max_size=2), min_size=1, max_size=2),
+       sets=st.one_of(st.just([]), st.just([]), st.lists(OVERRIDE, max_size=1)), nfe=st.one_of(st.just(None), st.lists(st.sampled_from([0, 2, 5, -1, 1.5]), max_size=2)))
+def test_compare_with_random_runs_and_overrides_exits_0_or_2(tmp_path, capsys, runs, sets, nfe):
+    """A tiny ring8 spec with random [[run]] keys, [eval] NFEs and --set overrides: compare answers
+    exit 0 or 2 (one line, before training when the input is bad), never a traceback or a NaN checkpoint."""
+    lines = [TINY_SPEC] + ([f"[eval.ring8]\nnfe = {_toml(nfe)}"] if nfe is not None else [])
+    for i, run in enumerate(runs):
+        lines += ["[[run]]", f'label = "r{i}"'] + [f'"{k}" = {_toml(v)}' for k, v in run.items()]
+    spec = tmp_path / "tiny.toml"
+    spec.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = ["compare", str(spec), "--quiet", "--out", str(out)] + [x for o in sets for x in ("--set", o)]
+    code = _run(argv, capsys)
+    event(f"exit {code}")
+    _assert_clean(code, capsys)
+    for run in out.glob("ring8/*"):
+        _assert_finite_checkpoints(run)
+
+
+@pytest.mark.parametrize("scale", ["0", "-1", "nan", "inf", "1e9"])
+def test_demo_scale_out_of_range_is_refused_before_any_work(tmp_path, capsys, scale):
+    assert _run(["demo", f"--scale={scale}", "--out", str(tmp_path / "demo"), "--quiet"], capsys) == 2
+    assert "--scale=" in _assert_clean(2, capsys) and not (tmp_path / "demo").exists()

@@ -1,5 +1,6 @@
 """Samplers and grids against exact denoisers, closed-form ODE solutions and formulas typed anew."""
 
+import inspect
 import math
 
 import numpy as np
@@ -374,6 +375,40 @@ def test_ddpm_full_chain():
 
 
 # -- bad input ----------------------------------------------------------------------------------------
+OWN = {"denoiser", "x", "sigmas", "generator", "callback"}
+
+
+def test_every_sampler_option_has_a_rule_that_takes_its_default_and_refuses_junk():
+    for name in S.SAMPLERS:
+        for key, param in inspect.signature(S.get_sampler(name)).parameters.items():
+            if key in OWN:
+                continue
+            S._check_options(name, {key: param.default})  # the default is allowed
+            for junk in ("bogus", float("nan"), [1]):
+                with pytest.raises(ValueError, match=f"{name}.*{key}="):
+                    S._check_options(name, {key: junk})
+
+
+@pytest.mark.parametrize("name, options, ok", [
+    ("edm_sde", dict(S_churn=-5), False), ("edm_sde", dict(S_churn=math.inf), False),
+    ("edm_sde", dict(S_churn=40, S_tmin=0.05, S_tmax=50, S_noise=1.003), True), ("edm_sde", dict(S_tmax=math.inf), True),
+    ("edm_sde", dict(S_noise=-1.0), False), ("ddim", dict(eta=1.0), True), ("ddim", dict(eta=1.01), False),
+    ("unipc", dict(order=4), False), ("unipc", dict(order=3), True), ("deis", dict(order=4), True),
+    ("deis_pc", dict(order=5), False), ("ipndm", dict(order=0), False), ("deis", dict(rho=0.0), False),
+    ("pc", dict(n_corrector=True), False), ("pc", dict(n_corrector=0), True), ("pc", dict(snr=0.0), False),
+    ("langevin", dict(n_steps=0), False), ("langevin", dict(eps=1e-5, n_steps=3), True),
+    ("langevin", dict(final_denoise=1), False), ("adaptive", dict(rtol=-1e-3), False),
+    ("adaptive", dict(rtol=1e-4, atol=1e-6), True), ("ddpm", dict(variance="beta_tilde"), True),
+])
+def test_option_values_checked_before_any_sampling(name, options, ok):
+    """sampler_nfe (what sampling.plan calls before any work) accepts exactly the allowed values."""
+    if ok:
+        S.sampler_nfe(name, 4, **options)
+    else:
+        with pytest.raises(ValueError, match=f"option {next(iter(options))}="):
+            S.sampler_nfe(name, 4, **options)
+
+
 def test_bad_input():
     x, sigmas = torch.randn(4, 2, dtype=F64), S.get_sigmas("edm", 4)
     with pytest.raises(TypeError, match="S_churnn"):
