@@ -50,6 +50,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args, kind: str = "diffusion") -> int:
+    from . import distributed
     from .config import load_config
     from .train import train
 
@@ -68,7 +69,8 @@ def cmd_train(args, kind: str = "diffusion") -> int:
         if kind == "classifier":
             cfg.model.kind = "classifier"
         summary = train(cfg, Path(args.out), progress=not args.quiet)
-    print(f"trained to step {summary['steps']} in {summary['seconds']:.1f} s -> {summary['run_dir']}")
+    if distributed.is_main():
+        print(f"trained to step {summary['steps']} in {summary['seconds']:.1f} s -> {summary['run_dir']}")
     return 0
 
 
@@ -113,7 +115,9 @@ def _run_folder(run: str) -> Path:
 
 def cmd_sample(args) -> int:
     import numpy as np
+    import torch
 
+    from . import distributed
     from .evaluate import check_finite
     from .model import load_model
     from .plots import save_samples
@@ -122,8 +126,11 @@ def cmd_sample(args) -> int:
     check_count("--n", args.n, 1)
     model, cfg, _ = load_model(Path(args.run))
     acceptance = []  # mala's share of kept proposals, per noise level
+    distributed.init(torch.device("cpu"))  # under torchrun: the chunks are shared out, rank 0 writes
     s = sample(model, args.n, sample_settings(args, cfg.sample),
                callback=lambda info: acceptance.append(info["acceptance"]) if "acceptance" in info else None)
+    if not distributed.is_main():
+        return 0
     check_finite(s.x, "nothing was written")
     out = Path(args.out) if args.out else _run_folder(args.run) / "samples" / "sample.png"
     save_samples(s.x, out, labels=s.labels)
@@ -210,6 +217,9 @@ def cmd_edit(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
+    import torch
+
+    from . import distributed
     from .checkpoint import atomic_write_text
     from .evaluate import evaluate_model, markdown
     from .model import load_model
@@ -226,9 +236,12 @@ def cmd_eval(args) -> int:
     check_tolerances(pf_ode_rtol, pf_ode_rtol)
     vlb_steps = tuple(int(k) for k in args.vlb_steps.split(",") if k.strip()) if args.vlb_steps else ()
     model, cfg, _ = load_model(args.run)
+    distributed.init(torch.device("cpu"))  # under torchrun: the samples' chunks are shared out, rank 0 measures
     result = evaluate_model(model, cfg, args.run, n=args.n, sample_cfg=sample_settings(args, cfg.sample),
                             nll_samples=args.nll_samples, pf_ode_steps=args.pf_ode_steps, vlb_steps=vlb_steps,
                             inception=args.inception, vlb_variance=args.vlb_variance, pf_ode_rtol=pf_ode_rtol)
+    if result is None:  # another rank than 0: its share of the samples is with rank 0
+        return 0
     folder = _run_folder(args.run)
     figures = eval_figures(result, folder)
     text = markdown(result) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
@@ -341,14 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     rf.set_defaults(func=cmd_reflow)
     sa = sub.add_parser("sample", help="sample from a run folder or checkpoint to a PNG grid and .npz (x, labels)")
     sa.add_argument("run", help="run folder or checkpoint (.json/.safetensors)")
-    sa.add_argument("--n", type=int, default=64, help="number of samples")
+    sa.add_argument("-n", "--n", type=int, default=64, help="number of samples")
     sa.add_argument("--out", help="PNG path (default: RUN/samples/sample.png)")
     add_sampling_arguments(sa)
     sa.set_defaults(func=cmd_sample)
     ed = sub.add_parser("edit", help="inpaint (--mask), SDEdit (--strength) or encode + decode (--invert) given inputs")
     ed.add_argument("run", help="run folder or checkpoint")
     ed.add_argument("--input", required=True, help="inputs: held-out (the run's own test split), a .npz/.npy (key x), an image folder, or a data name (e.g. digits)")
-    ed.add_argument("--n", type=int, default=16, help="number of inputs (a random subset, by --seed)")
+    ed.add_argument("-n", "--n", type=int, default=16, help="number of inputs (a random subset, by --seed)")
     ed.add_argument("--mask", help=f"known region: {', '.join(MASKS)} (that half / the centre square) or MASK.npz (True = known)")
     ed.add_argument("--invert-mask", action="store_true", help="swap known and unknown (e.g. --mask center --invert-mask fills the centre)")
     ed.add_argument("--method", default="replace", choices=("replace", "repaint"), help="inpainting: replacement or RePaint")
@@ -363,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.set_defaults(func=cmd_edit)
     ev = sub.add_parser("eval", help="measure a run's samples and likelihood, each next to its noise floor")
     ev.add_argument("run", help="run folder or checkpoint")
-    ev.add_argument("--n", type=int, default=2000, help="number of samples (default 2000)")
+    ev.add_argument("-n", "--n", type=int, default=2000, help="number of samples (default 2000)")
     ev.add_argument("--nll-samples", type=int, default=256, help="held-out samples for the likelihood (0: skip it)")
     ev.add_argument("--vlb-steps", default="0,100", help="chains for the VLB: 0 = full, K = respaced to K steps (default 0,100)")
     ev.add_argument("--pf-ode-steps", type=int, metavar="K",

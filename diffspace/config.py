@@ -93,6 +93,7 @@ class SampleConfig:
     classifier: str = ""  # classifier guidance: a `train-classifier` run folder (Dhariwal & Nichol 2021)
     classifier_scale: float = 1.0  # S: D + S sigma^2 grad log p(y | x~, sigma)
     seed: int = 0
+    batch: int = 2048  # samples per network batch: sample i's noise is chunk i // batch's (sampling.chunk_seed)
     options: dict = field(default_factory=dict)  # sampler options: every other [sample] key
 
 
@@ -150,6 +151,7 @@ RANGES = {
     "log.keep": (1, 10**6), "log.n_samples": (1, 10_000),
     "sample.nfe": (0, MAX_NFE), "sample.guidance": (-math.inf, math.inf), "sample.guidance_interval": (0, math.inf),
     "sample.guidance_rescale": (0, 1), "sample.classifier_scale": (-math.inf, math.inf), "sample.seed": (0, 2**63 - 1),
+    "sample.batch": (1, 1 << 20),
 }
 
 

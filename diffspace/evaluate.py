@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import process
+from . import distributed, process
 from .parameterization import broadcast
 from .samplers import check_tolerances, dormand_prince, get_sigmas
 from .schedules import DiscreteVP
@@ -421,6 +421,8 @@ def evaluate_model(model, cfg, run: str, n: int = 2000, sample_cfg=None, nll_sam
     sample_cfg = sample_cfg or cfg.sample
     data, _, test = load_data(cfg)
     s = sample(model, n, sample_cfg)
+    if not distributed.is_main():  # under torchrun: the samples are shared out, rank 0 measures them
+        return None
     rows = sample_quality(s.x, data, labels=s.labels, seed=sample_cfg.seed, inception=inception)
     if nll_samples:
         rows += likelihood(model, test.x[:nll_samples], data.levels, vlb_steps=vlb_steps,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +31,20 @@ from .schedules import DiscreteVP
 Tensor = torch.Tensor
 
 OBJECTIVES = ("weighted", "vlb", "hybrid")
+
+
+class Draw(NamedTuple):
+    """The randomness of one training step for a batch: t (B,) in the training schedule's time, eps
+    (shape of x), and the importance weights 1 / (T p_t) (B,) of a loss-aware sampler of t (or None).
+    Under torchrun every rank draws it for the global batch and takes its own rows (`rows`), so the
+    noise of a sample does not depend on the number of processes."""
+
+    t: Tensor
+    eps: Tensor
+    importance: Tensor | None = None
+
+    def rows(self, part: slice) -> "Draw":
+        return Draw(self.t[part], self.eps[part], None if self.importance is None else self.importance[part])
 
 
 class VarianceHead(torch.nn.Module):
@@ -159,18 +174,35 @@ class Diffusion(torch.nn.Module):
         return losses.weighting(self.weighting, tt, self.schedule, space=space,
                                 defined_in=self.weighting_space or None, **self.weighting_kwargs)
 
-    def loss(self, x: Tensor, labels: Tensor | None, generator: torch.Generator, t: Tensor | None = None,
-             eps: Tensor | None = None) -> Tensor:
-        """Per-sample weighted loss of Algorithm 1 (shape (B,)); t (B,) in the training schedule's
-        time is drawn from the noise distribution unless given (e.g. to measure the loss per level);
-        eps (shape of x) is drawn and paired with x as the coupling and offset noise say
-        (coupling.draw_noise) unless given: then eps_i is the noise of x_i as it is (reflow's pairs)."""
+    def draw(self, x: Tensor, generator: torch.Generator, eps: Tensor | None = None) -> Draw:
+        """The randomness of one step of Algorithm 1 for the batch x: t (B,) in the training schedule's
+        time from the noise distribution (with its weights 1 / (T p_t) for the importance sampler),
+        then eps (shape of x) paired with x as the coupling and offset noise say (coupling.draw_noise),
+        unless eps is given: then eps_i is the noise of x_i as it is (reflow's pairs)."""
         importance = None
-        if t is None and isinstance(self.noise, losses.ImportanceSampler):
+        if isinstance(self.noise, losses.ImportanceSampler):
             t, importance = self.noise.sample(x.shape[0], self.schedule, generator=generator, device=x.device)
-        elif t is None:
+        else:
             t = self.noise(x.shape[0], self.schedule, generator=generator, device=x.device)
         if eps is None:
+            eps = draw_noise(x, generator, self.coupling, self.offset_noise)
+        return Draw(t, eps, importance)
+
+    def observe(self, t: Tensor, loss: Tensor) -> None:
+        """The training loop hands over each step's per-sample losses at t (all ranks' under torchrun):
+        the importance sampler keeps their history; other noise distributions need nothing."""
+        if isinstance(self.noise, losses.ImportanceSampler):
+            self.noise.update(t, loss.detach())
+
+    def loss(self, x: Tensor, labels: Tensor | None, generator: torch.Generator | None = None, t: Tensor | None = None,
+             eps: Tensor | None = None) -> Tensor:
+        """Per-sample loss of Algorithm 1 (shape (B,)) at the given t (B,) and eps (e.g. to measure
+        the loss per level); without t, at a `draw` from the generator (importance-weighted for the
+        importance sampler, so its mean stays unbiased; the loop draws for itself, see train.py)."""
+        importance = None
+        if t is None:
+            t, eps, importance = self.draw(x, generator, eps)
+        elif eps is None:
             eps = draw_noise(x, generator, self.coupling, self.offset_noise)
         if self.parameterization == "precond":  # Karras et al. 2022, eq. 2 with lambda(sigma)
             sigma = self.schedule.sigma_tilde(t)
@@ -192,10 +224,7 @@ class Diffusion(torch.nn.Module):
             loss = w.to(per_sample) * per_sample
             if self.learned_variance:
                 loss = loss + self.hybrid_lambda * self._vlb_term(x, eps, t, x0_hat.detach(), self.head.v)
-        if importance is not None:  # E[loss / (T p_t)] under p equals the uniform mean of the loss
-            self.noise.update(t, loss.detach())
-            loss = loss * importance.to(loss)
-        return loss
+        return loss if importance is None else loss * importance.to(loss)  # E[loss / (T p_t)] under p = the uniform mean
 
     def _vlb_term(self, x: Tensor, eps: Tensor, t: Tensor, x0_hat: Tensor, v: Tensor | None) -> Tensor:
         """T L_{i-1} in bits/dim at the drawn steps i = tT (Ho et al. 2020, eq. 5: an unbiased estimate of
@@ -280,11 +309,24 @@ class NoisyClassifier(torch.nn.Module):
         """log p(labels | x~, sigma), shape (B,)."""
         return torch.log_softmax(self(x, sigma).float(), dim=1).gather(1, labels.long()[:, None])[:, 0].to(x.dtype)
 
-    def loss(self, x: Tensor, labels: Tensor, generator: torch.Generator, t: Tensor | None = None) -> Tensor:
-        """Per-sample cross-entropy at noise levels from the preset's distribution (shape (B,))."""
-        t = self.noise(x.shape[0], self.schedule, generator=generator, device=x.device) if t is None else t
+    def draw(self, x: Tensor, generator: torch.Generator, eps: Tensor | None = None) -> Draw:
+        """t (B,) from the preset's noise distribution, then eps ~ N(0, I) of x's shape (unless given)."""
+        t = self.noise(x.shape[0], self.schedule, generator=generator, device=x.device)
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device) if eps is None else eps
+        return Draw(t, eps)
+
+    def observe(self, t: Tensor, loss: Tensor) -> None:
+        """Nothing to keep (see Diffusion.observe)."""
+
+    def loss(self, x: Tensor, labels: Tensor, generator: torch.Generator | None = None, t: Tensor | None = None,
+             eps: Tensor | None = None) -> Tensor:
+        """Per-sample cross-entropy -log p(y | x + sigma eps, sigma) (shape (B,)) at the given t and eps,
+        or at a `draw` from the generator."""
+        if t is None:
+            t, eps, _ = self.draw(x, generator, eps)
+        elif eps is None:
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         sigma = self.schedule.sigma_tilde(t).to(x.dtype)
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         return torch.nn.functional.cross_entropy(self(x + broadcast(sigma, x) * eps, sigma).float(), labels, reduction="none")
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import guidance
+from . import distributed, guidance
 from .config import SampleConfig
 from .model import load_model
 from .presets import Preset
@@ -211,11 +211,24 @@ class Counted:
         return self.denoiser(x, sigma)
 
 
+def chunk_seed(seed: int, k: int) -> int:
+    """The generator seed of chunk k of a sampling run: the seed itself for chunk 0 (so n <= batch
+    draws what one batch always drew), a SplitMix64-style mix of (seed, k) for the others."""
+    if k == 0:
+        return seed
+    z = (seed + k * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
+
+
 @torch.no_grad()
 def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", callback=None,
            shape: tuple | None = None) -> Samples:
-    """n samples of a model (train.Diffusion) as cfg says: x = sigma_max * N(0, I) with the seed's
-    generator (N(0, I) itself for a grid from sigma = inf), then the planned sampler on the guided denoiser."""
+    """n samples of a model (train.Diffusion) as cfg says, in chunks of cfg.batch: chunk k holds
+    samples k * batch .. and has its own generator (chunk_seed), so a sample does not depend on how
+    many processes share the work. Under torchrun rank r computes chunks r, r + W, ..., and every
+    rank gets all n (distributed.gather_chunks). `callback` sees each of this rank's chunks in turn."""
     cfg = cfg or SampleConfig()
     shape = tuple(shape or model.shape)
     if n < 1 or not shape:
@@ -225,6 +238,20 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
         raise ValueError(f"sample.sampler='mala' needs log p from an energy model (model.parameterization=energy); "
                          f"this one is {model.parameterization!r}: use langevin for an unadjusted chain")
     labels = class_labels(cfg.classes, n, model.num_classes, device)
+    count = -(-n // cfg.batch)
+    done = [_sample_chunk(model, cfg, p, shape, k, min(n, (k + 1) * cfg.batch) - k * cfg.batch,
+                          None if labels is None else labels[k * cfg.batch:(k + 1) * cfg.batch], device, callback)
+            for k in range(distributed.rank(), count, distributed.world_size())]
+    x = torch.cat(distributed.gather_chunks([x for x, _, _ in done], count, cfg.batch, n, done[0][0][:0] if done else
+                                           torch.empty((0, *shape), device=device)))
+    calls = distributed.most(max((c for _, c, _ in done), default=0))
+    guided = distributed.most(max((g for _, _, g in done), default=0))
+    return Samples(x, labels, p, calls, guided, describe_guidance(cfg))
+
+
+def _sample_chunk(model, cfg: SampleConfig, p: Plan, shape: tuple, k: int, n: int, labels, device, callback):
+    """(x, denoiser calls, guided calls) of chunk k (n samples): x = sigma_max * N(0, I) from its
+    generator (N(0, I) itself for a grid from sigma = inf), then the planned sampler on the guided denoiser."""
     D, wrapper = guided_denoiser(model, cfg, labels, device)
     D = counted = Counted(D)  # what the sampler spent, also where the plan cannot know it (adaptive)
     options = dict(p.options)
@@ -234,7 +261,7 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
         options["variance"] = lambda x, s: (D(x, s), (model.head.v[:len(x)].to(x.dtype) + 1) / 2)
     if p.sampler == "mala" and "energy" not in options:  # log p of the model at the labels (checked above)
         options["energy"] = lambda x, s: model.energy(x, s, labels)
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    g = torch.Generator(device=device).manual_seed(chunk_seed(cfg.seed, k))
     x = initial_state(torch.randn((n, *shape), generator=g, device=device), p.sigmas[0].item())
     x = SAMPLERS[p.sampler](D, x, p.sigmas.to(device), generator=g, callback=callback, **options)
-    return Samples(x, labels, p, counted.calls, wrapper.guided if wrapper is not None else 0, describe_guidance(cfg))
+    return x, counted.calls, wrapper.guided if wrapper is not None else 0

@@ -16,11 +16,13 @@ The loop below reads top to bottom; `config.Config` holds every knob and is save
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
 import functools
 import math
+import os
 import signal
 import threading
 import time
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import Config, TrainConfig
 from .model import Diffusion, build_model
 from .sampling import class_labels, plan, sample
@@ -173,8 +176,12 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
     writes one). Returns a summary dict (steps, seconds, model, ema, data, config). The folder is
     locked while it runs (checkpoint.RunLock: a second writer is refused); stray temporary files of
     a killed run are removed, a resume starts from the newest checkpoint that verifies."""
-    with StopSignals() as stop, ckpt.RunLock(Path(run_dir)):
-        return _train(cfg, Path(run_dir), stop, resume=resume, steps=steps, stop_at=stop_at, progress=progress)
+    lock = ckpt.RunLock(Path(run_dir)) if distributed.is_main() else contextlib.nullcontext()  # rank 0 writes
+    try:
+        with StopSignals() as stop, lock:
+            return _train(cfg, Path(run_dir), stop, resume=resume, steps=steps, stop_at=stop_at, progress=progress)
+    finally:
+        distributed.close()
 
 
 def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bool, steps: int | None,
@@ -182,7 +189,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     from . import plots
     from .data import batch_indices
 
-    for folder in (run_dir, run_dir / "checkpoints"):
+    main = distributed.is_main()
+    for folder in (run_dir, run_dir / "checkpoints") if main else ():
         ckpt.remove_stray_files(folder)
     last = ckpt.latest(run_dir / "checkpoints")
     if resume:
@@ -200,7 +208,12 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another folder")
     elif steps is not None:
         cfg.train.steps = steps
-    device = _device(cfg.train.device)
+    device = _device(distributed.local_device(cfg.train.device))
+    distributed.init(device)
+    world = distributed.world_size()
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
+                         f"number of processes, {world}")
     torch.manual_seed(cfg.train.seed)
 
     data, train_set, test_set = load_data(cfg)
@@ -220,6 +233,10 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     if cfg.train.compile:
         model.network.compile()  # in place: parameter names (and so checkpoints) stay the same
+    step_loss = LossOf(model)
+    if distributed.active():  # DDP wraps the module whose forward is the loss: its gradients are averaged
+        step_loss = torch.nn.parallel.DistributedDataParallel(
+            step_loss, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
     step = 0
     if resume:
@@ -231,10 +248,14 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         if device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         step = state["step"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(run_dir / "config.toml", cfg.to_toml())
+    distributed.same_on_all_ranks(step, "the step to resume from", device)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_write_text(run_dir / "config.toml", cfg.to_toml())
 
     def save_checkpoint():
+        if not main:
+            return
         opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
         rng = {"rng.noise": noise_gen.get_state(), "rng.torch": torch.get_rng_state()}
         if device.type == "cuda":
@@ -249,20 +270,21 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     y_all = train_set.labels.to(device) if train_set.labels is not None else None
     eps_all = train_set.eps.to(device) if train_set.eps is not None else None
     metrics_path = run_dir / "metrics.csv"
-    if step == 0 or not metrics_path.exists():
+    if main and (step == 0 or not metrics_path.exists()):
         metrics_path.write_text("step,loss,lr,grad_norm,samples_per_s,seconds\n")
-    else:
+    elif main:
         truncate_metrics(metrics_path, step)
-    metrics = open(metrics_path, "a", newline="")
+    metrics = open(metrics_path if main else os.devnull, "a", newline="")
     writer = csv.writer(metrics)
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
-    bar = _progress(progress, cfg.train.steps, step)
+    bar = _progress(progress and main, cfg.train.steps, step)
     start, seen, t_window, loss_sum, loss_n = time.time(), 0, time.time(), 0.0, 0
-    saved = step
+    saved, mine = step, distributed.shard(cfg.train.batch_size)
+    stopping = distributed.any_rank(stop.received is not None)
     try:
-        while step < end and stop.received is None:  # a signal stops the loop between steps
+        while step < end and not stopping:  # a signal (on any rank) stops the loop between steps
             idx = batch_indices(len(train_set), cfg.train.batch_size, step, cfg.train.seed).to(device)
-            x = x_all[idx]
+            x = x_all[idx]  # the global batch, and its noise below, on every rank; this rank's rows: mine
             labels = None
             if not denoising:  # a classifier learns the labels themselves
                 labels = y_all[idx]
@@ -272,13 +294,17 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
                 labels[drop] = data.num_classes  # the null class
             for g in opt.param_groups:
                 g["lr"] = learning_rate(cfg.train, step)
-            paired = {} if eps_all is None else {"eps": eps_all[idx]}  # the noise of each x (reflow's pairs)
+            draw = model.draw(x, noise_gen, eps=None if eps_all is None else eps_all[idx])  # eps_all: reflow's pairs
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-                loss = model.loss(x, labels, noise_gen, **paired).mean()
+                per_sample = step_loss(x[mine], None if labels is None else labels[mine], draw.rows(mine))
+            weighted = per_sample if draw.importance is None else per_sample * draw.importance[mine].to(per_sample)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            weighted.mean().backward()  # under DDP the ranks' gradients are averaged: the global batch's mean
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or float("inf"))
-            finite = torch.isfinite(torch.stack([loss.detach().float(), grad_norm.float()])).tolist()
+            every = distributed.gather(per_sample.detach())  # the global batch's losses, on every rank
+            model.observe(draw.t, every)
+            loss = (every if draw.importance is None else every * draw.importance.to(every)).mean()
+            finite = torch.isfinite(torch.stack([loss.float(), grad_norm.float()])).tolist()
             if not all(finite):  # stop before the optimizer takes it in; nothing of this step is saved
                 raise Diverged(step + 1, "the loss" if not finite[0] else "the gradient norm",
                                loss.item() if not finite[0] else float(grad_norm), saved, cfg.train)
@@ -295,30 +321,45 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
                 bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", samples_s=f"{rate:.0f}")
                 t_window, seen, loss_sum, loss_n = now, 0, 0.0, 0
             bar.update(1)
-            if denoising and cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < end:
+            if main and denoising and cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < end:
                 _save_sample_grid(ema, cfg, device, run_dir / "samples" / f"step-{step:08d}.png")
             if step % cfg.log.checkpoint_every == 0 or step == end:
                 save_checkpoint()
                 saved = step
-        if stop.received is not None and step > saved:  # the last finished step, exactly
+            stopping = distributed.any_rank(stop.received is not None)
+        if stopping and step > saved:  # the last finished step, exactly
             save_checkpoint()
             saved = step
     finally:
         bar.close()
         metrics.close()
-    if stop.received is not None:
+    if stopping:
+        why = stop.received.name if stop.received is not None else "a signal to another rank"
         if step == 0:
-            raise Interrupted(f"stopped by {stop.received.name} before the first step; nothing to save")
-        raise Interrupted(f"stopped by {stop.received.name} at step {step} of {cfg.train.steps}, saved; "
+            raise Interrupted(f"stopped by {why} before the first step; nothing to save")
+        raise Interrupted(f"stopped by {why} at step {step} of {cfg.train.steps}, saved; "
                           f"continue with `diffspace train --resume {run_dir}`")
     seconds = time.time() - start
-    if step == cfg.train.steps:
+    if main and step == cfg.train.steps:
         plots.loss_curve(metrics_path, run_dir / "loss.png")
         if denoising:
             _save_sample_grid(ema, cfg, device, run_dir / "samples" / "final.png")
         _write_report(run_dir, cfg, data, ema, seconds, test_set)
     return {"steps": step, "seconds": seconds, "run_dir": str(run_dir), "model": model, "ema": ema,
             "data": data, "config": cfg}
+
+
+class LossOf(torch.nn.Module):
+    """model.loss(x, labels, t, eps) of a Draw as a module's forward, so that DistributedDataParallel,
+    which acts through forward, wraps the loss itself (calling model.loss past the wrapper would
+    leave the gradients unsynchronised); checkpoints keep saving `model`, with its own names."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, labels: Tensor | None, draw) -> Tensor:
+        return self.model.loss(x, labels, t=draw.t, eps=draw.eps)
 
 
 def _write_report(run_dir: Path, cfg: Config, data, ema, seconds: float, test_set) -> None:
