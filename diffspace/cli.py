@@ -418,13 +418,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        code = args.func(args)
+        if "diffspace.distributed" in sys.modules:  # under torchrun the ranks leave together (rank 0 may still write)
+            sys.modules["diffspace.distributed"].barrier()
+        return code
     except ValueError as e:
         print(f"diffspace {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine's answer (disk full, no permission, a file where a folder must be)
         print(f"diffspace {args.command}: error: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from . import distributed
+
+        if not distributed.active():
+            raise
+        # under torchrun a collective fails when another process died: one line here, torchrun ends the job
+        print(f"diffspace {args.command}: error: rank {distributed.rank()} lost another process of the job "
+              f"({str(e).splitlines()[0][:200]}); the run folder keeps its last checkpoint (--resume continues it)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt as e:  # train.Interrupted says what was saved; elsewhere nothing is half-written
         print(f"diffspace {args.command}: {e or 'interrupted'}", file=sys.stderr)
         return 130
+    finally:
+        if "diffspace.distributed" in sys.modules:  # a command that joined a torchrun process group leaves it
+            sys.modules["diffspace.distributed"].close()

@@ -224,11 +224,12 @@ def chunk_seed(seed: int, k: int) -> int:
 
 @torch.no_grad()
 def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", callback=None,
-           shape: tuple | None = None) -> Samples:
+           shape: tuple | None = None, shared: bool = True) -> Samples:
     """n samples of a model (train.Diffusion) as cfg says, in chunks of cfg.batch: chunk k holds
     samples k * batch .. and has its own generator (chunk_seed), so a sample does not depend on how
     many processes share the work. Under torchrun rank r computes chunks r, r + W, ..., and every
-    rank gets all n (distributed.gather_chunks). `callback` sees each of this rank's chunks in turn."""
+    rank gets all n (distributed.gather_chunks); shared=False: this process alone computes every chunk
+    (rank 0's sample grids during training). `callback` sees each of this rank's chunks in turn."""
     cfg = cfg or SampleConfig()
     shape = tuple(shape or model.shape)
     if n < 1 or not shape:
@@ -239,13 +240,15 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
                          f"this one is {model.parameterization!r}: use langevin for an unadjusted chain")
     labels = class_labels(cfg.classes, n, model.num_classes, device)
     count = -(-n // cfg.batch)
+    rank, world = (distributed.rank(), distributed.world_size()) if shared else (0, 1)
     done = [_sample_chunk(model, cfg, p, shape, k, min(n, (k + 1) * cfg.batch) - k * cfg.batch,
                           None if labels is None else labels[k * cfg.batch:(k + 1) * cfg.batch], device, callback)
-            for k in range(distributed.rank(), count, distributed.world_size())]
-    x = torch.cat(distributed.gather_chunks([x for x, _, _ in done], count, cfg.batch, n, done[0][0][:0] if done else
-                                           torch.empty((0, *shape), device=device)))
-    calls = distributed.most(max((c for _, c, _ in done), default=0))
-    guided = distributed.most(max((g for _, _, g in done), default=0))
+            for k in range(rank, count, world)]
+    x, calls, guided = [x for x, _, _ in done], max(c for _, c, _ in done) if done else 0, max(g for _, _, g in done) if done else 0
+    if world > 1:
+        x = distributed.gather_chunks(x, count, cfg.batch, n, torch.empty((0, *shape), device=device))
+        calls, guided = distributed.most(calls), distributed.most(guided)
+    x = torch.cat(x)
     return Samples(x, labels, p, calls, guided, describe_guidance(cfg))
 
 

@@ -177,11 +177,8 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
     locked while it runs (checkpoint.RunLock: a second writer is refused); stray temporary files of
     a killed run are removed, a resume starts from the newest checkpoint that verifies."""
     lock = ckpt.RunLock(Path(run_dir)) if distributed.is_main() else contextlib.nullcontext()  # rank 0 writes
-    try:
-        with StopSignals() as stop, lock:
-            return _train(cfg, Path(run_dir), stop, resume=resume, steps=steps, stop_at=stop_at, progress=progress)
-    finally:
-        distributed.close()
+    with StopSignals() as stop, lock:
+        return _train(cfg, Path(run_dir), stop, resume=resume, steps=steps, stop_at=stop_at, progress=progress)
 
 
 def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bool, steps: int | None,
@@ -404,7 +401,7 @@ def classifier_accuracy(classifier, test_set, sigmas=(0.0, 0.1, 0.5, 1.0, 2.0), 
 def _save_sample_grid(ema, cfg, device, path):
     from .plots import save_samples
 
-    s = sample(ema, cfg.log.n_samples, dataclasses.replace(cfg.sample, seed=cfg.train.seed + 2), device=device)
+    s = sample(ema, cfg.log.n_samples, dataclasses.replace(cfg.sample, seed=cfg.train.seed + 2), device=device, shared=False)
     save_samples(s.x.cpu(), path, labels=s.labels)
 
 

@@ -1,0 +1,154 @@
+"""torchrun with gloo on CPU (issue 14): N processes train, sample and evaluate what one process does.
+
+Tolerance: with the same global batch, each rank draws the same global noise (model.Draw) and takes
+its rows; DDP then averages the ranks' half-batch mean gradients, which equals the full batch's mean
+up to float32 rounding of the order of 1e-7 relative per step (a different summation order, in the
+convolution / matmul reductions and in the average). Adam's normalisation passes that rounding on
+to the weights at the scale of lr * 1e-7-ish per step, so after 20 steps we allow 1e-5 absolute on
+the EMA weights and 1e-4 relative on the logged loss; a rank drawing other noise or an unsynchronised
+gradient is off by 1e-2 or more. Sampling is per-chunk seeded, so it is equal to the bit.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from diffspace import checkpoint as ckpt
+from diffspace.cli import main
+
+TINY = ["--data", "ring8", "--quiet", "model.hidden=32", "model.depth=2", "data.n=400", "train.batch_size=32",
+        "log.every=1", "log.n_samples=4", "sample.nfe=4", "log.sample_every=0"]
+CONFIGS = {
+    "edm-mlp": [],
+    "ddpm-vlb-importance": ["model.preset=ddpm", "model.parameterization=eps", "model.objective=vlb", "model.noise=importance"],
+    "flow-ot-coupling": ["model.preset=rectified-flow", "model.parameterization=flow", "model.coupling=ot"],
+    "class-label-dropout": ["model.class_conditional=true", "model.label_dropout=0.2"],
+}
+
+
+def torchrun(n: int, *args, timeout=300, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "diffspace", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def losses(run):
+    with open(run / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def ema(run):
+    tensors, state = ckpt.load(ckpt.list_checkpoints(run / "checkpoints")[-1])
+    return state["step"], {k: v.double() for k, v in tensors.items() if k.startswith("ema.")}
+
+
+def assert_same_training(a, b):
+    la, lb = losses(a), losses(b)
+    assert [s for s, _ in la] == [s for s, _ in lb]
+    np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=1e-4)
+    (sa, ea), (sb, eb) = ema(a), ema(b)
+    assert sa == sb and ea.keys() == eb.keys()
+    worst = max(float((ea[k] - eb[k]).abs().max()) for k in ea)
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_processes_train_what_one_does(tmp_path, name):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["train", *TINY, *CONFIGS[name], "--steps", "20", "log.checkpoint_every=10"]
+    assert main([*args, "--out", str(one)]) == 0
+    r = torchrun(2, *args, "--out", str(two))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("trained to step 20") == 1  # rank 0 alone reports (and writes)
+    assert_same_training(one, two)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(p.name for p in (one / "checkpoints").iterdir())
+
+
+def test_a_two_process_run_resumes_on_one(tmp_path):
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    args = ["train", *TINY, "log.checkpoint_every=5"]
+    assert main([*args, "--steps", "20", "--out", str(straight)]) == 0
+    r = torchrun(2, *args, "--steps", "10", "--out", str(moved))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["train", "--resume", str(moved), "--steps", "20", "--quiet"]) == 0
+    assert_same_training(straight, moved)
+
+
+def test_sample_and_eval_sharded_equal_one_process_to_the_bit(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--steps", "5", "--out", str(run)]) == 0
+    flags = ["-n", "50", "--sampler", "edm_sde", "--set", "sample.S_churn=10", "--set", "sample.batch=8"]  # 7 chunks
+    assert main(["sample", str(run), *flags, "--out", str(tmp_path / "one.png")]) == 0
+    r = torchrun(2, "sample", str(run), *flags, "--out", str(tmp_path / "two.png"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = np.load(tmp_path / "one.npz")["x"], np.load(tmp_path / "two.npz")["x"]
+    assert one.shape == (50, 2) and np.array_equal(one, two)
+    # fewer chunks than ranks: a rank with nothing to do still takes part in the gather
+    r = torchrun(2, "sample", str(run), "-n", "5", "--out", str(tmp_path / "small.png"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert main(["sample", str(run), "-n", "5", "--out", str(tmp_path / "small1.png")]) == 0
+    assert np.array_equal(np.load(tmp_path / "small.npz")["x"], np.load(tmp_path / "small1.npz")["x"])
+    r = torchrun(2, "eval", str(run), "-n", "40", "--nll-samples", "0", "--set", "sample.batch=16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    sharded = (run / "eval.json").read_text()
+    assert main(["eval", str(run), "-n", "40", "--nll-samples", "0", "--set", "sample.batch=16"]) == 0
+    assert (run / "eval.json").read_text() == sharded
+
+
+def test_a_global_batch_the_ranks_cannot_share_is_one_line(tmp_path):
+    r = torchrun(2, "train", *TINY, "train.batch_size=15", "--steps", "2", "--out", str(tmp_path / "r"))
+    assert r.returncode != 0
+    lines = [li for li in r.stderr.splitlines() if "diffspace train: error" in li]
+    assert lines and "must be divisible by the number of processes, 2" in lines[0], r.stderr[-2000:]
+    assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr
+
+
+def _workers(parent: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers with ps --ppid")
+def test_a_killed_rank_ends_the_job_without_a_hang_and_the_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                            "diffspace", "train", *TINY, "--steps", "1000000", "log.checkpoint_every=20", "--out", str(run)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while not ckpt.list_checkpoints(run / "checkpoints") and time.time() < deadline:
+            time.sleep(0.2)
+        assert ckpt.list_checkpoints(run / "checkpoints"), "no checkpoint within 120 s"
+        workers = _workers(job.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        t0 = time.time()
+        _, err = job.communicate(timeout=120)
+        assert job.returncode != 0 and time.time() - t0 < 60
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert "lost another process of the job" in err and "[rank0]: Traceback" not in err, err[-3000:]
+    step, _ = ema(run)
+    assert main(["train", "--resume", str(run), "--steps", str(step + 5), "--quiet"]) == 0
+    assert ema(run)[0] == step + 5
+
+
+@pytest.mark.slow
+def test_four_processes_train_what_one_does_and_resume_on_two(tmp_path):
+    one, four = tmp_path / "one", tmp_path / "four"
+    args = ["train", *TINY, *CONFIGS["ddpm-vlb-importance"], "log.checkpoint_every=10"]
+    assert main([*args, "--steps", "30", "--out", str(one)]) == 0
+    r = torchrun(4, *args, "--steps", "20", "--out", str(four))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, "train", "--resume", str(four), "--steps", "30", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_training(one, four)
