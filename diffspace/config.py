@@ -20,11 +20,12 @@ from pathlib import Path
 
 @dataclass
 class DataConfig:
-    spec: str = "digits"  # a name (digits, moons, ring8, ...), an image folder, or a .npy/.npz file
+    spec: str = "digits"  # a name (digits, moons, ring8, ...), an image folder, a .npy/.npz file, or CIFAR-10 binary (.tar.gz, folder, .bin)
     size: int = 0  # images: resize + centre-crop to size x size (0: keep)
     channels: int = 0  # images: 1 or 3 (0: automatic)
     n: int = 0  # 2-D generators: number of points (0: default)
     test_fraction: float = 0.1
+    hflip: bool = False  # images: mirror each training image left-right with probability 1/2 (per step)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TrainConfig:
     ema_sigma_rel: float = 0.10
     bf16: bool = False  # bfloat16 autocast for the network's forward pass
     compile: bool = False  # torch.compile the network
+    channels_last: bool = False  # images: NHWC memory format for the network and the batches (faster convolutions on GPUs)
     seed: int = 0
     init: str = ""  # a run folder or checkpoint whose EMA weights start a new run (reflow: the 1-RF model); "" = random
     device: str = "auto"  # auto: cuda if available
@@ -93,7 +95,7 @@ class SampleConfig:
     classifier: str = ""  # classifier guidance: a `train-classifier` run folder (Dhariwal & Nichol 2021)
     classifier_scale: float = 1.0  # S: D + S sigma^2 grad log p(y | x~, sigma)
     seed: int = 0
-    batch: int = 2048  # samples per network batch: sample i's noise is chunk i // batch's (sampling.chunk_seed)
+    batch: int = 2048  # samples per network batch: sample i's noise is chunk i // batch's (sampling.stream_seed)
     options: dict = field(default_factory=dict)  # sampler options: every other [sample] key
 
 

@@ -9,7 +9,9 @@ Everything becomes one `Dataset`: a float32 tensor `x` of shape (N, d) (points) 
   `analytic.MIXTURES["checkerboard"]`, renamed because 'checkerboard' is the uniform board here;
   every mixture is also reachable as '<name>-gm'); its labels are the mixture components;
 - 'digits': scikit-learn's bundled 8x8 digits (no download), x / 8 - 1 in [-1, 1], labels 0..9;
-- a folder of PNG/JPEG images (labels from sub-folder names), or a .npy / .npz array file.
+- a folder of PNG/JPEG images (labels from sub-folder names), or a .npy / .npz array file;
+- CIFAR-10 in its binary distribution: `cifar-10-binary.tar.gz`, its extracted folder
+  (`cifar-10-batches-bin`, the training batches data_batch_*.bin) or one .bin file (`read_cifar_binary`).
 
 Nothing is ever downloaded. `batch_indices` gives the shuffled minibatches as a pure function of the step.
 """
@@ -224,7 +226,11 @@ def load(spec: str | os.PathLike, *, n: int | None = None, size: int | None = No
                 raise ValueError(f"path {name!r} does not exist")
             raise ValueError(f"unknown data {name!r} (and no file or folder of that name); allowed: "
                              f"{', '.join(NAMES)}, or a path to an image folder or a .npy / .npz file")
-        if path.is_dir():
+        if path.is_dir() and sorted(path.glob("data_batch_*.bin")):
+            data = read_cifar_binary(path)
+        elif path.name.endswith((".tar.gz", ".tgz")) or path.suffix.lower() == ".bin":
+            data = read_cifar_binary(path)
+        elif path.is_dir():
             data = _load_folder(path, size, channels)
             size = channels = None  # already applied
         elif path.suffix.lower() in (".npy", ".npz"):
@@ -263,6 +269,49 @@ def _convert_channels(x: Tensor, channels: int) -> Tensor:
         return x.expand(-1, 3, -1, -1).contiguous()
     luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
     return (x * luma).sum(1, keepdim=True)
+
+
+CIFAR_RECORD = 1 + 3 * 32 * 32  # a label byte, then the red, green and blue 32 x 32 planes, row-major
+
+
+def read_cifar_binary(path: Path) -> Dataset:
+    """CIFAR-10's binary distribution (Krizhevsky 2009; www.cs.toronto.edu/~kriz/cifar.html): records
+    of 3,073 bytes, one label byte (0..9) and 3,072 pixel bytes (R, G, B planes of 32 x 32), read from
+    a .bin file, a folder holding data_batch_*.bin (the 50,000 training images; test_batch.bin is
+    left out), or the .tar.gz of that folder. No pickle anywhere. x = pixels / 127.5 - 1."""
+    import tarfile
+
+    path = Path(path)
+    if path.is_dir():
+        blobs = [(p.name, p.read_bytes()) for p in sorted(path.glob("data_batch_*.bin"))]
+    elif path.suffix.lower() == ".bin":
+        blobs = [(path.name, path.read_bytes())]
+    else:
+        try:
+            with tarfile.open(path, "r:gz") as tar:
+                members = sorted((m for m in tar.getmembers() if m.isfile() and Path(m.name).name.startswith("data_batch_")
+                                  and m.name.endswith(".bin")), key=lambda m: m.name)
+                blobs = [(Path(m.name).name, tar.extractfile(m).read()) for m in members]
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ValueError(f"{str(path)!r} is not a readable .tar.gz ({e})") from None
+    if not blobs:
+        raise ValueError(f"{str(path)!r} holds no CIFAR-10 training batches (data_batch_*.bin)")
+    for name, blob in blobs:
+        if not blob or len(blob) % CIFAR_RECORD:
+            raise ValueError(f"{name} has {len(blob)} bytes, not a whole number of {CIFAR_RECORD}-byte CIFAR-10 records")
+    records = np.frombuffer(b"".join(blob for _, blob in blobs), dtype=np.uint8).reshape(-1, CIFAR_RECORD)
+    labels = torch.from_numpy(records[:, 0].astype(np.int64))
+    if int(labels.max()) > 9:
+        raise ValueError(f"{str(path)!r}: a label byte is {int(labels.max())}; CIFAR-10's are 0..9")
+    x = torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32)) / 127.5 - 1
+    return Dataset(x, labels, 10, "cifar10", "images", levels=256)
+
+
+def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Images mirrored left-right, each with probability 1/2 (the augmentation of Ho et al. 2020 and
+    Karras et al. 2022 on CIFAR-10), one uniform draw per image from the generator."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip.reshape(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
 
 
 def _load_folder(root: Path, size: int | None, channels: int | None) -> Dataset:

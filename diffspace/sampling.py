@@ -211,9 +211,10 @@ class Counted:
         return self.denoiser(x, sigma)
 
 
-def chunk_seed(seed: int, k: int) -> int:
-    """The generator seed of chunk k of a sampling run: the seed itself for chunk 0 (so n <= batch
-    draws what one batch always drew), a SplitMix64-style mix of (seed, k) for the others."""
+def stream_seed(seed: int, k: int) -> int:
+    """The seed of independent stream k of `seed` (chunk k of a sampling run, rank k's dropout): the
+    seed itself for k = 0 (so n <= batch draws what one batch always drew), a SplitMix64 mix of
+    (seed, k) for the others."""
     if k == 0:
         return seed
     z = (seed + k * 0x9E3779B97F4A7C15) % 2**64
@@ -226,7 +227,7 @@ def chunk_seed(seed: int, k: int) -> int:
 def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", callback=None,
            shape: tuple | None = None, shared: bool = True) -> Samples:
     """n samples of a model (train.Diffusion) as cfg says, in chunks of cfg.batch: chunk k holds
-    samples k * batch .. and has its own generator (chunk_seed), so a sample does not depend on how
+    samples k * batch .. and has its own generator (stream_seed), so a sample does not depend on how
     many processes share the work. Under torchrun rank r computes chunks r, r + W, ..., and every
     rank gets all n (distributed.gather_chunks); shared=False: this process alone computes every chunk
     (rank 0's sample grids during training). `callback` sees each of this rank's chunks in turn."""
@@ -264,7 +265,7 @@ def _sample_chunk(model, cfg: SampleConfig, p: Plan, shape: tuple, k: int, n: in
         options["variance"] = lambda x, s: (D(x, s), (model.head.v[:len(x)].to(x.dtype) + 1) / 2)
     if p.sampler == "mala" and "energy" not in options:  # log p of the model at the labels (checked above)
         options["energy"] = lambda x, s: model.energy(x, s, labels)
-    g = torch.Generator(device=device).manual_seed(chunk_seed(cfg.seed, k))
+    g = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, k))
     x = initial_state(torch.randn((n, *shape), generator=g, device=device), p.sigmas[0].item())
     x = SAMPLERS[p.sampler](D, x, p.sigmas.to(device), generator=g, callback=callback, **options)
     return x, counted.calls, wrapper.guided if wrapper is not None else 0

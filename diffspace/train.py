@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, TrainConfig
 from .model import Diffusion, build_model
-from .sampling import class_labels, plan, sample
+from .sampling import class_labels, plan, sample, stream_seed
 
 Tensor = torch.Tensor
 
@@ -184,7 +184,7 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
 def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bool, steps: int | None,
            stop_at: int | None, progress: bool) -> dict:
     from . import plots
-    from .data import batch_indices
+    from .data import batch_indices, random_hflip
 
     main = distributed.is_main()
     for folder in (run_dir, run_dir / "checkpoints") if main else ():
@@ -214,6 +214,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     torch.manual_seed(cfg.train.seed)
 
     data, train_set, test_set = load_data(cfg)
+    if cfg.data.hflip and len(train_set.shape) != 3:
+        raise ValueError(f"data.hflip=true mirrors images; {cfg.data.spec!r} holds points of shape {train_set.shape}")
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(f"the training set of {cfg.data.spec!r} has {len(train_set)} samples, "
                          f"fewer than train.batch_size={cfg.train.batch_size}")
@@ -227,7 +229,12 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         plan(model.preset, cfg.sample)
         class_labels(cfg.sample.classes, 1, model.num_classes)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if device.type == "cuda":  # TF32 matmuls and convolutions: float32 storage, 10-bit mantissa products
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    layout = torch.channels_last if cfg.train.channels_last and len(train_set.shape) == 3 else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                            fused=device.type == "cuda")  # one kernel for the whole update on a GPU
     if cfg.train.compile:
         model.network.compile()  # in place: parameter names (and so checkpoints) stay the same
     step_loss = LossOf(model)
@@ -241,29 +248,27 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         ckpt.load_module(ema, tensors, "ema")
         ckpt.load_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, state["optimizer"])
         noise_gen.set_state(tensors["rng.noise"])
-        torch.set_rng_state(tensors["rng.torch"])
-        if device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
         step = state["step"]
+        _restore_rank_generators(tensors, device, cfg.train.seed, step)
+    elif distributed.rank() > 0:  # the ranks' own generators (dropout) are independent streams
+        torch.manual_seed(stream_seed(cfg.train.seed, distributed.rank()))
     distributed.same_on_all_ranks(step, "the step to resume from", device)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.toml", cfg.to_toml())
 
     def save_checkpoint():
+        rng = {"rng.noise": noise_gen.get_state(), **_rank_generators(device)}  # every rank takes part
         if not main:
             return
         opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
-        rng = {"rng.noise": noise_gen.get_state(), "rng.torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["rng.cuda"] = torch.cuda.get_rng_state()
         tensors = {**ckpt.module_tensors(model, "model"), **ckpt.module_tensors(ema, "ema"), **opt_tensors, **rng}
         data_info = {"shape": list(train_set.shape), "num_classes": data.num_classes, "sigma_data": data.sigma_data,
                      "levels": data.levels}
         ckpt.save(run_dir / "checkpoints", step, tensors,
                   {"config": cfg.to_dict(), "optimizer": opt_meta, "data": data_info}, keep=cfg.log.keep)
 
-    x_all = train_set.x.to(device)
+    x_all = train_set.x.to(device, memory_format=layout)
     y_all = train_set.labels.to(device) if train_set.labels is not None else None
     eps_all = train_set.eps.to(device) if train_set.eps is not None else None
     metrics_path = run_dir / "metrics.csv"
@@ -282,6 +287,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         while step < end and not stopping:  # a signal (on any rank) stops the loop between steps
             idx = batch_indices(len(train_set), cfg.train.batch_size, step, cfg.train.seed).to(device)
             x = x_all[idx]  # the global batch, and its noise below, on every rank; this rank's rows: mine
+            if cfg.data.hflip:
+                x = random_hflip(x, noise_gen)
             labels = None
             if not denoising:  # a classifier learns the labels themselves
                 labels = y_all[idx]
@@ -344,6 +351,29 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         _write_report(run_dir, cfg, data, ema, seconds, test_set)
     return {"steps": step, "seconds": seconds, "run_dir": str(run_dir), "model": model, "ema": ema,
             "data": data, "config": cfg}
+
+
+def _rank_generators(device: torch.device) -> dict:
+    """Every rank's global torch (and CUDA) generator state, as rng.torch (rank 0) and rng.torch.rankR."""
+    kinds = {"torch": torch.get_rng_state}
+    if device.type == "cuda":
+        kinds["cuda"] = torch.cuda.get_rng_state
+    out = {}
+    for kind, get in kinds.items():
+        states = distributed.gather(get()[None].to(device)).cpu()
+        out |= {f"rng.{kind}" + (f".rank{r}" if r else ""): state for r, state in enumerate(states)}
+    return out
+
+
+def _restore_rank_generators(tensors: dict, device: torch.device, seed: int, step: int) -> None:
+    """This rank's generators from a checkpoint; a rank the saving run did not have starts a stream of its own."""
+    suffix = f".rank{distributed.rank()}" if distributed.rank() else ""
+    if "rng.torch" + suffix not in tensors:
+        torch.manual_seed(stream_seed(seed + step, distributed.rank()))
+        return
+    torch.set_rng_state(tensors["rng.torch" + suffix])
+    if device.type == "cuda" and "rng.cuda" + suffix in tensors:
+        torch.cuda.set_rng_state(tensors["rng.cuda" + suffix])
 
 
 class LossOf(torch.nn.Module):

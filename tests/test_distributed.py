@@ -152,3 +152,21 @@ def test_four_processes_train_what_one_does_and_resume_on_two(tmp_path):
     r = torchrun(2, "train", "--resume", str(four), "--steps", "30", "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_training(one, four)
+
+
+@pytest.mark.slow
+def test_dropout_ranks_draw_their_own_masks_and_resume_exactly(tmp_path):
+    """Dropout is the one draw that is per rank: each rank has its own stream (not rank 0's copy), and
+    each rank's state is in the checkpoint, so a 2-process run resumed on 2 processes is bit-identical."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ["train", *TINY, "model.dropout=0.3", "log.checkpoint_every=5"]
+    for out, steps in ((straight, 20), (resumed, 10)):
+        r = torchrun(2, *args, "--steps", str(steps), "--out", str(out))
+        assert r.returncode == 0, r.stderr[-3000:]
+    tensors, _ = ckpt.load(ckpt.list_checkpoints(resumed / "checkpoints")[-1])
+    assert not torch.equal(tensors["rng.torch"], tensors["rng.torch.rank1"])
+    r = torchrun(2, "train", "--resume", str(resumed), "--steps", "20", "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sa, ea), (sb, eb) = ema(straight), ema(resumed)
+    assert sa == sb == 20 and all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert losses(straight) == losses(resumed)
