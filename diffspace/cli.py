@@ -1,4 +1,4 @@
-"""Command line: `diffspace train | train-classifier | reflow | sample | edit | eval | compare | info | demo`.
+"""Command line: `diffspace train | train-classifier | reflow | sample | edit | eval | compare | phema | info | demo`.
 Bad arguments exit 2 with a one-line message."""
 
 from __future__ import annotations
@@ -26,6 +26,23 @@ def cmd_info(args) -> int:
     print("parameterizations: " + ", ".join(PARAMETERIZATIONS))
     print("samplers:          " + ", ".join(SAMPLERS))
     print("time grids:        " + ", ".join(GRIDS))
+    return 0
+
+
+def cmd_phema(args) -> int:
+    from .phema import reconstruct_run
+
+    try:
+        sigma_rels = [float(v) for v in args.sigma_rel.split(",") if v.strip()]
+    except ValueError:
+        sigma_rels = []
+    if not sigma_rels or not all(0 < v < 0.5 for v in sigma_rels):
+        raise ValueError(f"--sigma-rel={args.sigma_rel!r}: give a comma list of numbers in (0, 0.5), e.g. 0.05,0.1")
+    if not Path(args.run).is_dir():
+        raise ValueError(f"{args.run} is not a run folder")
+    for r in reconstruct_run(Path(args.run), sigma_rels, args.step):
+        print(f"sigma_rel {r['sigma_rel']:g} at step {r['step']}: {r['snapshots']} snapshot EMAs, profile error "
+              f"{100 * r['error']:.2f}% -> {r['folder']}")
     return 0
 
 
@@ -334,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .process import REVERSE_VARIANCES
 
     p = _Parser(prog="diffspace", description="The design space of diffusion models.")
-    sub = p.add_subparsers(dest="command", metavar="{train,train-classifier,reflow,sample,edit,eval,compare,info,demo}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{train,train-classifier,reflow,sample,edit,eval,compare,phema,info,demo}", parser_class=_Parser)
     tr = sub.add_parser("train", help="train a model from a TOML config and section.key=value overrides")
     add_train_arguments(tr, "runs/train")
     tr.set_defaults(func=cmd_train)
@@ -397,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="an override on top of every run, e.g. sample.guidance=2 (repeatable)")
     cp.set_defaults(func=cmd_compare)
+    ph = sub.add_parser("phema", help="post-hoc EMA (EDM2): EMA models of any sigma_rel from a run's train.phema snapshots")
+    ph.add_argument("run", help="a run trained with train.phema=[...] and log.phema_every=K")
+    ph.add_argument("--sigma-rel", required=True, help="comma list of sigma_rel in (0, 0.5), e.g. 0.05,0.1,0.15")
+    ph.add_argument("--step", type=int, help="the training step to reconstruct at (default: the newest snapshot)")
+    ph.set_defaults(func=cmd_phema)
     info = sub.add_parser("info", help="print the presets (Karras et al. 2022 Table 1 + DDPM + rectified flow), schedules, parameterizations")
     info.set_defaults(func=cmd_info)
     demo = sub.add_parser("demo", help="the main job: run on the embedded default data and write the figures")

@@ -64,6 +64,7 @@ class TrainConfig:
     ema: str = "power"  # "power" (Karras et al. 2024, sigma_rel) or "fixed" (decay)
     ema_decay: float = 0.999
     ema_sigma_rel: float = 0.10
+    phema: list = field(default_factory=list)  # sigma_rel of extra power EMAs kept for post-hoc EMA (EDM2: [0.05, 0.10])
     bf16: bool = False  # bfloat16 autocast for the network's forward pass
     compile: bool = False  # torch.compile the network
     channels_last: bool = False  # images: NHWC memory format for the network and the batches (faster convolutions on GPUs)
@@ -79,6 +80,7 @@ class LogConfig:
     checkpoint_every: int = 500
     keep: int = 3
     n_samples: int = 64
+    phema_every: int = 0  # snapshot of the train.phema EMAs every k steps into RUN/phema/ (`diffspace phema`)
 
 
 @dataclass
@@ -148,6 +150,7 @@ RANGES = {
     "train.steps": (1, 10**9), "train.batch_size": (1, 1 << 20), "train.lr": (0, math.inf, "("),
     "train.lr_min_ratio": (0, 1), "train.warmup": (0, 10**9), "train.weight_decay": (0, math.inf),
     "train.grad_clip": (0, math.inf), "train.ema_decay": (0, 1, ")"), "train.ema_sigma_rel": (0, 0.5, "()"),
+    "train.phema": (0, 0.5, "()"), "log.phema_every": (0, 10**9),
     "train.seed": (0, 2**63 - 1),
     "log.every": (1, 10**9), "log.sample_every": (0, 10**9), "log.checkpoint_every": (1, 10**9),
     "log.keep": (1, 10**6), "log.n_samples": (1, 10_000),

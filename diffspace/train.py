@@ -55,12 +55,18 @@ def power_ema_gamma(sigma_rel: float) -> float:
     return 0.5 * (lo + hi)
 
 
+def power_ema_decay(sigma_rel: float, step: int) -> float:
+    """beta_t = (1 - 1/t)^(gamma + 1) at optimizer step t (1-based): the power-function EMA
+    (Karras et al. 2024, eq. 2), whose profile over past steps is ~ (gamma + 1) tau^gamma / t^(gamma + 1)."""
+    return (1 - 1 / step) ** (power_ema_gamma(sigma_rel) + 1)
+
+
 def ema_decay(cfg: TrainConfig, step: int) -> float:
-    """beta at optimizer step `step` (1-based): fixed, or (1 - 1/step)^(gamma + 1) (power EMA)."""
+    """beta at optimizer step `step` (1-based): fixed, or the power EMA's of train.ema_sigma_rel."""
     if cfg.ema == "fixed":
         return cfg.ema_decay
     if cfg.ema == "power":
-        return (1 - 1 / step) ** (power_ema_gamma(cfg.ema_sigma_rel) + 1)
+        return power_ema_decay(cfg.ema_sigma_rel, step)
     raise ValueError(f"train.ema={cfg.ema!r}; allowed: power, fixed")
 
 
@@ -187,7 +193,7 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     from .data import batch_indices, random_hflip
 
     main = distributed.is_main()
-    for folder in (run_dir, run_dir / "checkpoints") if main else ():
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "phema") if main else ():
         ckpt.remove_stray_files(folder)
     last = ckpt.latest(run_dir / "checkpoints")
     if resume:
@@ -229,6 +235,9 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         plan(model.preset, cfg.sample)
         class_labels(cfg.sample.classes, 1, model.num_classes)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.train.phema and not cfg.log.phema_every:
+        raise ValueError(f"train.phema={cfg.train.phema} needs log.phema_every >= 1 (steps between snapshots)")
+    trackers = [copy.deepcopy(model).eval().requires_grad_(False) for _ in cfg.train.phema]  # post-hoc EMA's
     if device.type == "cuda":  # TF32 matmuls and convolutions: float32 storage, 10-bit mantissa products
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     layout = torch.channels_last if cfg.train.channels_last and len(train_set.shape) == 3 else torch.contiguous_format
@@ -246,6 +255,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     if resume:
         ckpt.load_module(model, tensors, "model")
         ckpt.load_module(ema, tensors, "ema")
+        for j, tracker in enumerate(trackers):
+            ckpt.load_module(tracker, tensors, f"phema{j}")
         ckpt.load_optimizer(opt, {k: v.to(device) for k, v in tensors.items()}, state["optimizer"])
         noise_gen.set_state(tensors["rng.noise"])
         step = state["step"]
@@ -257,12 +268,16 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.toml", cfg.to_toml())
 
+    def phema_tensors() -> dict:
+        return {k: v for j, tracker in enumerate(trackers) for k, v in ckpt.module_tensors(tracker, f"phema{j}").items()}
+
     def save_checkpoint():
         rng = {"rng.noise": noise_gen.get_state(), **_rank_generators(device)}  # every rank takes part
         if not main:
             return
         opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
-        tensors = {**ckpt.module_tensors(model, "model"), **ckpt.module_tensors(ema, "ema"), **opt_tensors, **rng}
+        tensors = {**ckpt.module_tensors(model, "model"), **ckpt.module_tensors(ema, "ema"), **opt_tensors, **rng,
+                   **phema_tensors()}
         data_info = {"shape": list(train_set.shape), "num_classes": data.num_classes, "sigma_data": data.sigma_data,
                      "levels": data.levels}
         ckpt.save(run_dir / "checkpoints", step, tensors,
@@ -315,6 +330,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
             opt.step()
             step += 1
             ema_update(ema, model, ema_decay(cfg.train, step))
+            for sigma_rel, tracker in zip(cfg.train.phema, trackers):
+                ema_update(tracker, model, power_ema_decay(sigma_rel, step))
             loss_sum, loss_n, seen = loss_sum + loss.item(), loss_n + 1, seen + x.shape[0]
             if step % cfg.log.every == 0 or step == end:
                 now = time.time()
@@ -327,6 +344,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
             bar.update(1)
             if main and denoising and cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < end:
                 _save_sample_grid(ema, cfg, device, run_dir / "samples" / f"step-{step:08d}.png")
+            if main and trackers and step % cfg.log.phema_every == 0:  # every snapshot is kept
+                ckpt.save(run_dir / "phema", step, phema_tensors(), {"sigma_rel": cfg.train.phema, "step": step}, keep=10**9)
             if step % cfg.log.checkpoint_every == 0 or step == end:
                 save_checkpoint()
                 saved = step
