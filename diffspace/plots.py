@@ -431,10 +431,11 @@ def weighting_figure(path: Path, schedule: Schedule | None = None,
 
 # -- comparisons ------------------------------------------------------------------------------------------
 def quality_vs_nfe(results: dict, path: Path, *, metric_name: str, floor: float | None = None,
-                   log_y: bool = False, title: str | None = None) -> Path:
+                   log_y: bool = False, title: str | None = None, x_name: str = "NFE (denoiser evaluations)") -> Path:
     """Sample quality against the number of denoiser evaluations: results = {label: {nfe: value}}, one
     line with markers per label (preset / sampler), log-x NFE, and the metric's noise floor (e.g. the
-    sliced W2 between two true sample sets, evaluate.noise_floor) as a dashed line if given."""
+    sliced W2 between two true sample sets, evaluate.noise_floor) as a dashed line if given. Any
+    other positive x (e.g. the EMA length sigma_rel) with x_name."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for label, curve in results.items():
@@ -442,8 +443,8 @@ def quality_vs_nfe(results: dict, path: Path, *, metric_name: str, floor: float 
         ax.plot(nfe, [curve[k] for k in nfe], marker="o", label=label)
     if floor is not None:
         ax.axhline(floor, color="gray", ls="--", label=f"noise floor {floor:.3g}")
-    ax.set(xscale="log", xlabel="NFE (denoiser evaluations)", ylabel=metric_name,
-           title=title or f"{metric_name} vs NFE", yscale="log" if log_y else "linear")
+    ax.set(xscale="log", xlabel=x_name, ylabel=metric_name,
+           title=title or f"{metric_name} vs {x_name.split(' (')[0]}", yscale="log" if log_y else "linear")
     ticks = sorted({k for curve in results.values() for k in curve})
     ax.set_xticks(ticks, [f"{k:g}" for k in ticks], minor=False)
     ax.set_xticks([], minor=True)

@@ -217,6 +217,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
                          f"number of processes, {world}")
+    if cfg.train.phema and not cfg.log.phema_every:
+        raise ValueError(f"train.phema={cfg.train.phema} needs log.phema_every >= 1 (steps between snapshots)")
     torch.manual_seed(cfg.train.seed)
 
     data, train_set, test_set = load_data(cfg)
@@ -235,8 +237,6 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         plan(model.preset, cfg.sample)
         class_labels(cfg.sample.classes, 1, model.num_classes)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    if cfg.train.phema and not cfg.log.phema_every:
-        raise ValueError(f"train.phema={cfg.train.phema} needs log.phema_every >= 1 (steps between snapshots)")
     trackers = [copy.deepcopy(model).eval().requires_grad_(False) for _ in cfg.train.phema]  # post-hoc EMA's
     if device.type == "cuda":  # TF32 matmuls and convolutions: float32 storage, 10-bit mantissa products
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -244,3 +244,19 @@ def test_compare_with_random_runs_and_overrides_exits_0_or_2(tmp_path, capsys, r
 def test_demo_scale_out_of_range_is_refused_before_any_work(tmp_path, capsys, scale):
     assert _run(["demo", f"--scale={scale}", "--out", str(tmp_path / "demo"), "--quiet"], capsys) == 2
     assert "--scale=" in _assert_clean(2, capsys) and not (tmp_path / "demo").exists()
+
+
+@pytest.fixture(scope="module")
+def phema_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("fuzz-phema") / "run"
+    assert main(["train", *TINY, "train.phema=[0.05,0.1]", "log.phema_every=1", "--out", str(run)]) == 0
+    return run
+
+
+@FUZZ
+@given(flags=st.lists(st.one_of(
+    st.tuples(st.just("--sigma-rel"), st.one_of(st.lists(NUMBERS, min_size=1, max_size=3).map(lambda v: ",".join(map(str, v))), TEXT)),
+    st.tuples(st.just("--step"), st.integers(-3, 10).map(str))), max_size=2).map(lambda pairs: [x for p in pairs for x in p]))
+def test_phema_with_random_flags_exits_0_or_2(phema_run, capsys, flags):
+    flags = flags if "--sigma-rel" in flags else ["--sigma-rel", "0.07", *flags]
+    _assert_clean(_run(["phema", str(phema_run), *flags], capsys), capsys)
