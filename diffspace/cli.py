@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -429,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+SHARDED = ("train", "train-classifier", "sample", "eval")  # the commands that share their work under torchrun
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow flags: train CFG --out R a.b=1
@@ -440,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        if args.command not in SHARDED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"{args.command} runs as one process, not under torchrun (WORLD_SIZE="
+                             f"{os.environ['WORLD_SIZE']}); these do: {', '.join(SHARDED)}")
         code = args.func(args)
         if "diffspace.distributed" in sys.modules:  # under torchrun the ranks leave together (rank 0 may still write)
             sys.modules["diffspace.distributed"].barrier()

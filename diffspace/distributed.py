@@ -27,9 +27,13 @@ def requested() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+_DEVICE = {"device": torch.device("cpu")}  # where the small collectives below put their tensors (NCCL: the GPU)
+
+
 def init(device: torch.device) -> None:
     """Join the process group torchrun describes (once); NCCL for CUDA devices, gloo otherwise."""
     if requested() and not dist.is_initialized():
+        _DEVICE["device"] = device
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
                                 device_id=device if device.type == "cuda" else None)
@@ -95,25 +99,25 @@ def most(value: int) -> int:
     """The largest of the ranks' integers."""
     if not active():
         return value
-    t = torch.tensor([value])
+    t = torch.tensor([value], device=_DEVICE["device"])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
 
-def any_rank(flag: bool, device="cpu") -> bool:
+def any_rank(flag: bool) -> bool:
     """True on every rank if flag is True on any (e.g. a signal that reached only some)."""
     if not active():
         return flag
-    t = torch.tensor([int(flag)], device=device)
+    t = torch.tensor([int(flag)], device=_DEVICE["device"])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
-def same_on_all_ranks(value: int, what: str, device="cpu") -> None:
+def same_on_all_ranks(value: int, what: str) -> None:
     """ValueError unless every rank holds the same integer (e.g. the step it resumes from)."""
     if not active():
         return
-    t = torch.tensor([value, -value], device=device)
+    t = torch.tensor([value, -value], device=_DEVICE["device"])
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     if int(t[0]) != -int(t[1]):
         raise ValueError(f"the ranks disagree on {what}: from {int(t[0])} to {-int(t[1])}")

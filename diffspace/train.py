@@ -263,7 +263,7 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         _restore_rank_generators(tensors, device, cfg.train.seed, step)
     elif distributed.rank() > 0:  # the ranks' own generators (dropout) are independent streams
         torch.manual_seed(stream_seed(cfg.train.seed, distributed.rank()))
-    distributed.same_on_all_ranks(step, "the step to resume from", device)
+    distributed.same_on_all_ranks(step, "the step to resume from")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.atomic_write_text(run_dir / "config.toml", cfg.to_toml())

@@ -59,7 +59,8 @@ def assert_same_training(a, b):
     assert worst < 1e-5, worst
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [n if n in ("edm-mlp", "ddpm-vlb-importance") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in CONFIGS])  # the global OT pairing and label dropout: slow
 def test_two_processes_train_what_one_does(tmp_path, name):
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["train", *TINY, *CONFIGS[name], "--steps", "20", "log.checkpoint_every=10"]
@@ -108,6 +109,14 @@ def test_a_global_batch_the_ranks_cannot_share_is_one_line(tmp_path):
     lines = [li for li in r.stderr.splitlines() if "diffspace train: error" in li]
     assert lines and "must be divisible by the number of processes, 2" in lines[0], r.stderr[-2000:]
     assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr
+
+
+def test_commands_that_do_not_shard_refuse_torchrun_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["compare", "design-space", "--quick", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "compare runs as one process, not under torchrun" in err and err.count("\n") == 1
+    assert not (tmp_path / "c").exists()
 
 
 def _workers(parent: int) -> list[int]:
