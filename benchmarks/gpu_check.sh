@@ -2,6 +2,7 @@
 # The GPU path in a few minutes on one GPU (two for the torchrun part), from the repository root:
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]        (default: runs/gpu-check; $OUT if set)
+#     DEVICE=cpu STEPS=20 QUICK=1 bash benchmarks/gpu_check.sh /tmp/dry   # a dry run of the script on a CPU
 #
 # 1. correctness: 200 steps on the digits, same seed, on the CPU and on cuda:0 (float32, TF32
 #    off): the two loss curves side by side and their largest relative gap; the GPU run's
@@ -14,17 +15,18 @@
 #    the one-GPU run (the same to float rounding: the global batch and its noise are the same).
 set -euo pipefail
 OUT="${1:-${OUT:-runs/gpu-check}}"
+DEVICE="${DEVICE:-cuda}"
+STEPS="${STEPS:-200}"
 mkdir -p "$OUT"
 python -c "import diffspace" 2>/dev/null || python -m pip install -q -e . --no-deps
 python -c "import diffusers" 2>/dev/null || python -m pip install -q "diffusers>=0.30" || true
-nvidia-smi -L | tee "$OUT/gpus.txt"
-GPUS=$(nvidia-smi -L | wc -l)
+if [ "$DEVICE" = cuda ]; then nvidia-smi -L | tee "$OUT/gpus.txt"; GPUS=$(nvidia-smi -L | wc -l); else GPUS=0; fi
 RUN=(--data digits --quiet model.base_channels=32 model.channel_mult=[1,2] model.num_blocks=1
-     train.batch_size=128 log.every=10 log.sample_every=0 log.checkpoint_every=200 --steps 200)
+     train.batch_size=128 log.every=10 log.sample_every=0 "log.checkpoint_every=$STEPS" --steps "$STEPS")
 
 echo "== 1. CPU vs GPU, float32"
 python -m diffspace train "${RUN[@]}" train.device=cpu --out "$OUT/cpu"
-NVIDIA_TF32_OVERRIDE=0 python -m diffspace train "${RUN[@]}" train.device=cuda --out "$OUT/gpu"
+NVIDIA_TF32_OVERRIDE=0 python -m diffspace train "${RUN[@]}" "train.device=$DEVICE" --out "$OUT/gpu"
 python - "$OUT" <<'EOF'
 import csv, sys
 from pathlib import Path
@@ -42,7 +44,8 @@ EOF
 CUDA_VISIBLE_DEVICES="" python -m diffspace sample "$OUT/gpu" -n 16 --out "$OUT/gpu-on-cpu.png"
 
 echo "== 2. bf16 + channels_last + compile"
-python -m diffspace train "${RUN[@]}" train.device=cuda train.bf16=true train.channels_last=true train.compile=true --out "$OUT/fast"
+COMPILE=$([ "${QUICK:-0}" = 1 ] && echo false || echo true)
+python -m diffspace train "${RUN[@]}" "train.device=$DEVICE" train.bf16=true train.channels_last=true "train.compile=$COMPILE" --out "$OUT/fast"
 python - "$OUT" <<'EOF'
 import csv, sys
 from pathlib import Path
@@ -53,7 +56,11 @@ print("final loss fp32 %s, bf16+compile %s; samples/s fp32 %s, bf16+compile %s" 
 EOF
 
 echo "== 3. throughput, CIFAR-10 U-Net, bf16"
-python benchmarks/throughput.py --device cuda --layouts cifar10 --batch 128 --reps 10 --compile | tee "$OUT/throughput.md"
+if [ "${QUICK:-0}" = 1 ]; then
+  python benchmarks/throughput.py --device "$DEVICE" --quick | tee "$OUT/throughput.md"
+else
+  python benchmarks/throughput.py --device "$DEVICE" --layouts cifar10 --batch 128 --reps 10 --compile | tee "$OUT/throughput.md"
+fi
 
 if [ "$GPUS" -ge 2 ]; then
   echo "== 4. torchrun, 2 GPUs (NCCL)"
