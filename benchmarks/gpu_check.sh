@@ -14,7 +14,8 @@
 # 4. with two or more GPUs: torchrun --nproc_per_node 2 (NCCL) of run 1, its loss curve against
 #    the one-GPU run (the same to float rounding: the global batch and its noise are the same).
 set -euo pipefail
-OUT="${1:-${OUT:-runs/gpu-check}}"
+OUT="$(realpath -m "${1:-${OUT:-runs/gpu-check}}")"
+cd "$(dirname "$0")/.."  # the repository root
 DEVICE="${DEVICE:-cuda}"
 STEPS="${STEPS:-200}"
 mkdir -p "$OUT"
@@ -67,6 +68,6 @@ if [ "$GPUS" -ge 2 ]; then
   NVIDIA_TF32_OVERRIDE=0 torchrun --standalone --nproc_per_node 2 -m diffspace train "${RUN[@]}" train.device=cuda --out "$OUT/gpu2"
   paste -d, <(cut -d, -f1,2 "$OUT/gpu/metrics.csv") <(cut -d, -f2 "$OUT/gpu2/metrics.csv") | tail -5
 else
-  echo "== 4. skipped: one GPU"
+  echo "== 4. skipped: fewer than two GPUs"
 fi
 echo "done: $OUT"
