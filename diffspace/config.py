@@ -80,6 +80,7 @@ class LogConfig:
     checkpoint_every: int = 500
     keep: int = 3
     n_samples: int = 64
+    tensorboard: bool = False  # also log the metrics and sample grids as TensorBoard events in RUN/tensorboard/
     phema_every: int = 0  # snapshot of the train.phema EMAs every k steps into RUN/phema/ (`diffspace phema`)
 
 

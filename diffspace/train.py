@@ -22,7 +22,6 @@ import csv
 import dataclasses
 import functools
 import math
-import os
 import signal
 import threading
 import time
@@ -217,6 +216,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
                          f"number of processes, {world}")
+    if cfg.log.tensorboard:
+        check_tensorboard()
     if cfg.train.phema and not cfg.log.phema_every:
         raise ValueError(f"train.phema={cfg.train.phema} needs log.phema_every >= 1 (steps between snapshots)")
     torch.manual_seed(cfg.train.seed)
@@ -291,8 +292,7 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         metrics_path.write_text("step,loss,lr,grad_norm,samples_per_s,seconds\n")
     elif main:
         truncate_metrics(metrics_path, step)
-    metrics = open(metrics_path if main else os.devnull, "a", newline="")
-    writer = csv.writer(metrics)
+    log = RunLog(metrics_path if main else None, run_dir / "tensorboard" if main and cfg.log.tensorboard else None)
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
     bar = _progress(progress and main, cfg.train.steps, step)
     start, seen, t_window, loss_sum, loss_n = time.time(), 0, time.time(), 0.0, 0
@@ -336,14 +336,13 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
             if step % cfg.log.every == 0 or step == end:
                 now = time.time()
                 rate = seen / max(now - t_window, 1e-9)
-                writer.writerow([step, f"{loss_sum / loss_n:.6g}", f"{opt.param_groups[0]['lr']:.6g}",
-                                 f"{float(grad_norm):.6g}", f"{rate:.1f}", f"{now - start:.2f}"])
-                metrics.flush()
+                log.row(step, loss=loss_sum / loss_n, lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm),
+                        samples_per_s=rate, seconds=now - start)
                 bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", samples_s=f"{rate:.0f}")
                 t_window, seen, loss_sum, loss_n = now, 0, 0.0, 0
             bar.update(1)
             if main and denoising and cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < end:
-                _save_sample_grid(ema, cfg, device, run_dir / "samples" / f"step-{step:08d}.png")
+                log.image(_save_sample_grid(ema, cfg, device, run_dir / "samples" / f"step-{step:08d}.png"), step)
             if main and trackers and step % cfg.log.phema_every == 0:  # every snapshot is kept
                 ckpt.save(run_dir / "phema", step, phema_tensors(), {"sigma_rel": cfg.train.phema, "step": step}, keep=10**9)
             if step % cfg.log.checkpoint_every == 0 or step == end:
@@ -355,7 +354,7 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
             saved = step
     finally:
         bar.close()
-        metrics.close()
+        log.close()
     if stopping:
         why = stop.received.name if stop.received is not None else "a signal to another rank"
         if step == 0:
@@ -366,7 +365,10 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     if main and step == cfg.train.steps:
         plots.loss_curve(metrics_path, run_dir / "loss.png")
         if denoising:
-            _save_sample_grid(ema, cfg, device, run_dir / "samples" / "final.png")
+            final = _save_sample_grid(ema, cfg, device, run_dir / "samples" / "final.png")
+            if cfg.log.tensorboard:
+                with RunLog(None, run_dir / "tensorboard") as tb:
+                    tb.image(final, step)
         _write_report(run_dir, cfg, data, ema, seconds, test_set)
     return {"steps": step, "seconds": seconds, "run_dir": str(run_dir), "model": model, "ema": ema,
             "data": data, "config": cfg}
@@ -393,6 +395,59 @@ def _restore_rank_generators(tensors: dict, device: torch.device, seed: int, ste
     torch.set_rng_state(tensors["rng.torch" + suffix])
     if device.type == "cuda" and "rng.cuda" + suffix in tensors:
         torch.cuda.set_rng_state(tensors["rng.cuda" + suffix])
+
+
+class RunLog:
+    """metrics.csv (the source of truth; `path` None writes nothing, as on ranks other than 0) and,
+    with a `tensorboard` folder (log.tensorboard), the same scalars under train/ and the sample grids
+    as TensorBoard events (torch.utils.tensorboard, the optional extra diffspace[tensorboard])."""
+
+    FORMATS = {"loss": ".6g", "lr": ".6g", "grad_norm": ".6g", "samples_per_s": ".1f", "seconds": ".2f"}
+
+    def __init__(self, path: Path | None, tensorboard: Path | None):
+        self.file = open(path, "a", newline="") if path is not None else None
+        self.csv = csv.writer(self.file) if self.file else None
+        self.tb = None
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(tensorboard))
+
+    def row(self, step: int, **values: float) -> None:
+        if self.csv:
+            self.csv.writerow([step] + [format(values[k], f) for k, f in self.FORMATS.items()])
+            self.file.flush()
+        for k, v in values.items() if self.tb else ():
+            self.tb.add_scalar(f"train/{k}", v, step)
+
+    def image(self, png: Path, step: int) -> None:
+        """The sample grid written as `png` (images or a scatter plot of points), as an image event."""
+        if self.tb:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(png) as im:
+                self.tb.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def check_tensorboard() -> None:
+    """ValueError (before any work) when log.tensorboard is asked for and tensorboard is not installed."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ValueError("log.tensorboard=true needs the tensorboard package: pip install -e \".[tensorboard]\"") from None
 
 
 class LossOf(torch.nn.Module):
@@ -451,7 +506,7 @@ def _save_sample_grid(ema, cfg, device, path):
     from .plots import save_samples
 
     s = sample(ema, cfg.log.n_samples, dataclasses.replace(cfg.sample, seed=cfg.train.seed + 2), device=device, shared=False)
-    save_samples(s.x.cpu(), path, labels=s.labels)
+    return save_samples(s.x.cpu(), path, labels=s.labels)
 
 
 def _progress(enabled: bool, total: int, initial: int):

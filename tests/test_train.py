@@ -18,6 +18,7 @@ from diffspace.config import Config, SampleConfig, load_config, set_option
 from diffspace.model import Diffusion, load_model
 from diffspace.sampling import sample
 from diffspace.train import ema_decay, learning_rate, power_ema_gamma, train
+from diffspace.cli import main
 
 
 def _config(**options) -> Config:
@@ -172,7 +173,6 @@ def test_a_second_signal_stops_at_once_and_discards_the_step(tmp_path, monkeypat
 
 
 def test_the_cli_answers_an_interrupt_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-    from diffspace.cli import main
 
     real = T.ema_update
     monkeypatch.setattr(T, "ema_update", lambda *a: (real(*a), os.kill(os.getpid(), signal.SIGINT) if a[2] >= 0 else None)[0])
@@ -516,3 +516,30 @@ def test_torch_compile_trains_the_same_model(tmp_path):
     for k in runs[False]:
         if k.startswith("model."):
             torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-3, atol=1e-4)
+
+
+def test_tensorboard_events_hold_what_metrics_csv_holds(tmp_path):
+    """log.tensorboard writes the scalars of every metrics.csv row and the sample grids, read back here."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _config(**{"log.tensorboard": True, "log.every": 2, "log.sample_every": 4, "log.n_samples": 8})
+    train(cfg, tmp_path / "run", progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0}).Reload()
+    rows = [li.split(",") for li in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]]
+    for column, tag in ((1, "loss"), (2, "lr"), (3, "grad_norm")):
+        logged = events.Scalars(f"train/{tag}")
+        assert [e.step for e in logged] == [int(r[0]) for r in rows]
+        for e, r in zip(logged, rows):
+            assert e.value == pytest.approx(float(r[column]), rel=1e-5)
+    assert sorted({e.step for e in events.Images("samples")}) == [4, 8, 12]  # every 4 steps, and the final grid
+
+
+def test_tensorboard_missing_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "tensorboard" else real_import(name, *a, **k))
+    assert main(["train", "--data", "ring8", "--steps", "2", "log.tensorboard=true", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "needs the tensorboard package" in capsys.readouterr().err and not (tmp_path / "r").exists()
