@@ -173,7 +173,6 @@ def test_a_second_signal_stops_at_once_and_discards_the_step(tmp_path, monkeypat
 
 
 def test_the_cli_answers_an_interrupt_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
-
     real = T.ema_update
     monkeypatch.setattr(T, "ema_update", lambda *a: (real(*a), os.kill(os.getpid(), signal.SIGINT) if a[2] >= 0 else None)[0])
     code = main(["train", "--data", "ring8", "--out", str(tmp_path / "r"), "--quiet", "--steps", "10", "model.hidden=16",
