@@ -145,16 +145,22 @@ def cmd_sample(args) -> int:
     model, cfg, _ = load_model(Path(args.run))
     acceptance = []  # mala's share of kept proposals, per noise level
     distributed.init(torch.device("cpu"))  # under torchrun: the chunks are shared out, rank 0 writes
-    s = sample(model, args.n, sample_settings(args, cfg.sample),
+    settings = sample_settings(args, cfg.sample)
+    s = sample(model, args.n, settings,
                callback=lambda info: acceptance.append(info["acceptance"]) if "acceptance" in info else None)
     if not distributed.is_main():
         return 0
     check_finite(s.x, "nothing was written")
     out = Path(args.out) if args.out else _run_folder(args.run) / "samples" / "sample.png"
     save_samples(s.x, out, labels=s.labels)
-    arrays = {"x": s.x.numpy(), **({"labels": s.labels.numpy()} if s.labels is not None else {})}
+    arrays = {"x": s.x.numpy(), **({"labels": s.labels.numpy()} if s.labels is not None else {}),
+              "sampler": np.array(s.plan.sampler), "steps": np.array(s.steps if s.steps is not None else -1),
+              "nfe": np.array(s.evaluations)}  # steps -1: the sampler chose its own (adaptive)
     np.savez(out.with_suffix(".npz"), **arrays)
     print(f"wrote {out} and {out.with_suffix('.npz')} ({s.describe()})")
+    if settings.nfe and s.plan.nfe is not None and s.plan.nfe != settings.nfe:
+        print(f"note: --nfe {settings.nfe} cannot be met exactly by {s.plan.sampler} on this grid; it spent "
+              f"{s.plan.nfe}, the most that fits (e.g. heun: 2 per step, 1 on the last)")
     if acceptance:
         print(f"Metropolis-Hastings acceptance: mean {sum(acceptance) / len(acceptance):.3f} over {len(acceptance)} "
               f"noise levels (first {acceptance[0]:.3f}, last {acceptance[-1]:.3f})")

@@ -25,6 +25,7 @@ class DataConfig:
     channels: int = 0  # images: 1 or 3 (0: automatic)
     n: int = 0  # 2-D generators: number of points (0: default)
     test_fraction: float = 0.1
+    seed: int = 0  # the data's own seed: generated points, the data.n subset, the train/test split (not train.seed)
     hflip: bool = False  # images: mirror each training image left-right with probability 1/2 (per step)
 
 
@@ -144,7 +145,7 @@ MAX_NFE = 10_000  # network evaluations per sample (5x score_sde's PC budget): m
 # A list option's bounds apply to each entry. Floats must also be finite. Checked by set_option, so
 # TOML files, overrides and compare specs are all checked when they are read, before any work.
 RANGES = {
-    "data.size": (0, 4096), "data.channels": (0, 3), "data.n": (0, 10**8), "data.test_fraction": (0, 1, ")"),
+    "data.size": (0, 4096), "data.channels": (0, 3), "data.n": (0, 10**8), "data.test_fraction": (0, 1, ")"), "data.seed": (0, 2**63 - 1),
     "model.hybrid_lambda": (0, math.inf), "model.offset_noise": (0, math.inf), "model.label_dropout": (0, 1, ")"),
     "model.base_channels": (1, 4096), "model.channel_mult": (1, 64), "model.num_blocks": (1, 64),
     "model.attention": (1, 4096), "model.dropout": (0, 1, ")"), "model.hidden": (1, 1 << 16), "model.depth": (1, 256),

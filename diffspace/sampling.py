@@ -192,9 +192,15 @@ class Samples:
     guided: int
     guidance: str = ""  # describe_guidance of the config
 
+    @property
+    def steps(self) -> int | None:
+        """The steps of the planned grid (None for a sampler that chooses its own, adaptive)."""
+        return len(self.plan.sigmas) - 1 if self.plan.nfe is not None else None
+
     def describe(self) -> str:
         spent = f"NFE {self.evaluations}" + (" spent on its own steps" if self.plan.nfe is None else "")
-        text = f"sampler {self.plan.sampler}, {spent}" + (f", {self.guidance}" if self.guidance else "")
+        steps = f"{self.steps} steps, " if self.steps is not None else ""
+        text = f"sampler {self.plan.sampler}, {steps}{spent}" + (f", {self.guidance}" if self.guidance else "")
         if self.guided:
             text += f" (the guide evaluated too on {self.guided} of {self.evaluations} calls)"
         return text

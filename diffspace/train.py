@@ -150,13 +150,14 @@ def _device(name: str) -> torch.device:
 
 
 def load_data(cfg: Config):
-    """(data, train_set, test_set) of a config: data.load with its data.* options and the run's seed,
-    split deterministically by data.test_fraction (Dataset.split)."""
+    """(data, train_set, test_set) of a config: data.load with its data.* options, split
+    deterministically by data.test_fraction (Dataset.split), both by data.seed: replicates that
+    differ in train.seed train on, and are judged on, the same data."""
     from .data import load
 
     data = load(cfg.data.spec, n=cfg.data.n or None, size=cfg.data.size or None,
-                channels=cfg.data.channels or None, seed=cfg.train.seed)
-    return (data, *data.split(cfg.data.test_fraction, seed=cfg.train.seed))
+                channels=cfg.data.channels or None, seed=cfg.data.seed)
+    return (data, *data.split(cfg.data.test_fraction, seed=cfg.data.seed))
 
 
 def init_weights(model: torch.nn.Module, init: str) -> None:

@@ -86,3 +86,21 @@ def test_every_preset_samples_its_default_plan():
         model = Diffusion(perturb_(MLP(2, hidden=8, depth=1)), preset, shape=(2,)).eval()
         s = sample(model, 5, SampleConfig(nfe=3))
         assert s.x.shape == (5, 2) and torch.isfinite(s.x).all() and s.labels is None, name
+
+
+def test_sample_reports_and_stores_the_steps_and_nfe_it_spent(tmp_path, capsys):
+    """--nfe 10 with Heun (2 per step, 1 on the step to 0) spends 9: said on stdout and kept in the .npz."""
+    import numpy as np
+
+    from diffspace.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", "ring8", "--steps", "3", "--quiet", "model.hidden=8", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--sampler", "heun", "--nfe", "10", "-n", "4", "--out", str(tmp_path / "h.png")]) == 0
+    out = capsys.readouterr().out
+    assert "sampler heun, 5 steps, NFE 9" in out and "--nfe 10 cannot be met exactly" in out
+    saved = np.load(tmp_path / "h.npz")
+    assert (str(saved["sampler"]), int(saved["steps"]), int(saved["nfe"])) == ("heun", 5, 9)
+    assert main(["sample", str(run), "--sampler", "euler", "--nfe", "10", "-n", "4", "--out", str(tmp_path / "e.png")]) == 0
+    assert "cannot be met" not in capsys.readouterr().out

@@ -542,3 +542,19 @@ def test_tensorboard_missing_is_one_line_before_any_work(tmp_path, monkeypatch, 
                         if name == "tensorboard" else real_import(name, *a, **k))
     assert main(["train", "--data", "ring8", "--steps", "2", "log.tensorboard=true", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "needs the tensorboard package" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_the_split_and_the_data_follow_data_seed_not_train_seed():
+    from diffspace.train import load_data
+
+    def split(**options):
+        cfg = _config(**{"data.spec": "digits", "data.n": 0, **options})
+        _, train_set, test_set = load_data(cfg)
+        return train_set.x, test_set.x
+
+    a, b = split(**{"train.seed": 0}), split(**{"train.seed": 7})
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # seed replicates see the same digits
+    c = split(**{"data.seed": 7})
+    assert not torch.equal(a[1], c[1]) and len(a[1]) == len(c[1])
+    ring_a, ring_b = (load_data(_config(**{"train.seed": s}))[0].x for s in (0, 3))
+    assert torch.equal(ring_a, ring_b)
