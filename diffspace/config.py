@@ -130,6 +130,15 @@ class Config:
                     set_option(cfg, f"{section}.{key}", value)
         return cfg
 
+    @classmethod
+    def from_saved(cls, d: dict) -> "Config":
+        """A run's own saved config (its checkpoints' state): a run saved before data.seed existed
+        drew and split its data by train.seed, and keeps doing so (resume and eval stay exact)."""
+        cfg = cls.from_dict(d)
+        if "seed" not in d.get("data", {}):
+            cfg.data.seed = cfg.train.seed
+        return cfg
+
     def to_toml(self) -> str:
         lines = []
         for section, values in self.to_dict().items():

@@ -366,7 +366,7 @@ def load_model(path: Path, device="cpu", kind: str = "diffusion"):
     if bad:
         raise ValueError(f"{path}: the model's weights hold NaN or inf ({len(bad)} tensors, e.g. {bad[0]}); "
                          "the run diverged: resume from an earlier checkpoint or retrain with a lower train.lr")
-    cfg = Config.from_dict(state["config"])
+    cfg = Config.from_saved(state["config"])
     if cfg.model.kind != kind:
         raise ValueError(f"{path} holds a {cfg.model.kind} run; a {kind} run is needed here")
     info = state["data"]

@@ -202,7 +202,7 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         if last is None:
             raise ValueError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
         _, tensors, state = ckpt.load_latest(run_dir / "checkpoints")
-        cfg = Config.from_dict(state["config"])
+        cfg = Config.from_saved(state["config"])
         if steps is not None:
             if steps < state["step"]:
                 raise ValueError(f"steps={steps} is before the checkpoint's step {state['step']}")

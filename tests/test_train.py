@@ -558,3 +558,10 @@ def test_the_split_and_the_data_follow_data_seed_not_train_seed():
     assert not torch.equal(a[1], c[1]) and len(a[1]) == len(c[1])
     ring_a, ring_b = (load_data(_config(**{"train.seed": s}))[0].x for s in (0, 3))
     assert torch.equal(ring_a, ring_b)
+
+
+def test_a_run_saved_before_data_seed_keeps_splitting_by_train_seed():
+    saved = _config(**{"train.seed": 5}).to_dict()
+    del saved["data"]["seed"]
+    assert Config.from_saved(saved).data.seed == 5 and Config.from_dict(saved).data.seed == 0
+    assert Config.from_saved(_config(**{"train.seed": 5}).to_dict()).data.seed == 0
