@@ -158,6 +158,9 @@ def cmd_sample(args) -> int:
               "nfe": np.array(s.evaluations)}  # steps -1: the sampler chose its own (adaptive)
     np.savez(out.with_suffix(".npz"), **arrays)
     print(f"wrote {out} and {out.with_suffix('.npz')} ({s.describe()})")
+    if s.plan.sampler in ("heun", "euler") and s.plan.nfe is not None and s.plan.nfe < 20:
+        print(f"note: at {s.plan.nfe} NFE, --sampler deis_pc is the more accurate solver (benchmarks/README.md: "
+              "samplers.py); heun and euler lose most at few steps")
     if settings.nfe and s.plan.nfe is not None and s.plan.nfe != settings.nfe:
         print(f"note: --nfe {settings.nfe} cannot be met exactly by {s.plan.sampler} on this grid; it spent "
               f"{s.plan.nfe}, the most that fits (e.g. heun: 2 per step, 1 on the last)")

@@ -100,7 +100,10 @@ def test_sample_reports_and_stores_the_steps_and_nfe_it_spent(tmp_path, capsys):
     assert main(["sample", str(run), "--sampler", "heun", "--nfe", "10", "-n", "4", "--out", str(tmp_path / "h.png")]) == 0
     out = capsys.readouterr().out
     assert "sampler heun, 5 steps, NFE 9" in out and "--nfe 10 cannot be met exactly" in out
+    assert "--sampler deis_pc is the more accurate solver" in out  # few steps of heun: the better one is named
     saved = np.load(tmp_path / "h.npz")
     assert (str(saved["sampler"]), int(saved["steps"]), int(saved["nfe"])) == ("heun", 5, 9)
     assert main(["sample", str(run), "--sampler", "euler", "--nfe", "10", "-n", "4", "--out", str(tmp_path / "e.png")]) == 0
     assert "cannot be met" not in capsys.readouterr().out
+    assert main(["sample", str(run), "--sampler", "deis_pc", "--nfe", "10", "-n", "4", "--out", str(tmp_path / "d.png")]) == 0
+    assert "note:" not in capsys.readouterr().out
