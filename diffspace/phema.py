@@ -78,12 +78,12 @@ def reconstruct_run(run, sigma_rels: list[float], step: int | None = None) -> li
     if found is None:
         raise ValueError(f"{run} holds no complete checkpoint (its config and data shape are read from one)")
     run_state = found[2]
-    loaded = [ckpt.load(s) for s in stems]
+    every = [ckpt.load(s) for s in stems]
     if step is None:
-        step = loaded[-1][1]["step"]
-    loaded = [(t, st) for t, st in loaded if st["step"] <= step]
+        step = every[-1][1]["step"]
+    loaded = [(t, st) for t, st in every if st["step"] <= step]
     if not loaded:
-        raise ValueError(f"--step={step}: the first snapshot of {run} is at step {ckpt.load(stems[0])[1]['step']}")
+        raise ValueError(f"--step={step}: the first snapshot of {run} is at step {every[0][1]['step']}")
     snapshots, weights = [], []
     for tensors, state in loaded:
         for j, sigma_rel in enumerate(state["sigma_rel"]):
