@@ -111,8 +111,9 @@ def cmd_reflow(args) -> int:
     return 0
 
 
-def sample_settings(args, base):
-    """The run's [sample] section with this command's sampling flags and --set sample.KEY=VALUE on top."""
+def sample_settings(args, base, data_too: bool = False):
+    """The run's [sample] section with this command's sampling flags and --set sample.KEY=VALUE on top
+    (data.KEY=VALUE items are left to the caller if data_too)."""
     from .config import Config, apply_overrides
 
     flags = [("sampler", args.sampler), ("nfe", args.nfe), ("seed", args.seed), ("classes", args.classes),
@@ -121,6 +122,8 @@ def sample_settings(args, base):
              ("classifier", args.classifier), ("classifier_scale", args.classifier_scale)]
     overrides = [f"sample.{key}={value}" for key, value in flags if value is not None]
     for item in args.set:
+        if data_too and item.startswith("data."):
+            continue
         if not item.startswith("sample."):
             raise ValueError(f"--set {item!r}: only sample.KEY=VALUE may be set here (a run's other settings are fixed)")
         overrides.append(item)
@@ -248,6 +251,8 @@ def cmd_eval(args) -> int:
 
     from . import distributed
     from .checkpoint import atomic_write_text
+    from .config import apply_overrides
+    from .diffusers_io import is_diffusers_folder
     from .evaluate import evaluate_model, markdown
     from .model import load_model
     from .samplers import check_tolerances
@@ -263,8 +268,13 @@ def cmd_eval(args) -> int:
     check_tolerances(pf_ode_rtol, pf_ode_rtol)
     vlb_steps = tuple(int(k) for k in args.vlb_steps.split(",") if k.strip()) if args.vlb_steps else ()
     model, cfg, _ = load_model(args.run)
+    data_items = [item for item in args.set if item.startswith("data.")]
+    if data_items and not is_diffusers_folder(args.run):
+        raise ValueError(f"--set {data_items[0]!r}: a run is measured against its own data; data.KEY=VALUE is for a "
+                         "diffusers folder, which has none (default data.spec=digits)")
+    cfg = apply_overrides(cfg, data_items)
     distributed.init(torch.device("cpu"))  # under torchrun: the samples' chunks are shared out, rank 0 measures
-    result = evaluate_model(model, cfg, args.run, n=args.n, sample_cfg=sample_settings(args, cfg.sample),
+    result = evaluate_model(model, cfg, args.run, n=args.n, sample_cfg=sample_settings(args, cfg.sample, data_too=True),
                             nll_samples=args.nll_samples, pf_ode_steps=args.pf_ode_steps, vlb_steps=vlb_steps,
                             inception=args.inception, vlb_variance=args.vlb_variance, pf_ode_rtol=pf_ode_rtol)
     if result is None:  # another rank than 0: its share of the samples is with rank 0
@@ -316,6 +326,16 @@ def eval_figures(result: dict, folder: Path) -> list[Path]:
     else:
         paths.pop()
     return paths
+
+
+def cmd_export(args) -> int:
+    from .diffusers_io import export
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; give a new folder")
+    print(f"wrote {export(args.run, out)} (DDPMPipeline.from_pretrained loads it)")
+    return 0
 
 
 def cmd_compare(args) -> int:
@@ -380,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--quiet", action="store_true", help="no progress bar")
     rf.set_defaults(func=cmd_reflow)
     sa = sub.add_parser("sample", help="sample from a run folder or checkpoint to a PNG grid and .npz (x, labels)")
-    sa.add_argument("run", help="run folder or checkpoint (.json/.safetensors)")
+    sa.add_argument("run", help="run folder, checkpoint (.json/.safetensors) or a diffusers save_pretrained folder")
     sa.add_argument("-n", "--n", type=int, default=64, help="number of samples")
     sa.add_argument("--out", help="PNG path (default: RUN/samples/sample.png)")
     add_sampling_arguments(sa)
@@ -402,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(ed)
     ed.set_defaults(func=cmd_edit)
     ev = sub.add_parser("eval", help="measure a run's samples and likelihood, each next to its noise floor")
-    ev.add_argument("run", help="run folder or checkpoint")
+    ev.add_argument("run", help="run folder, checkpoint or a diffusers folder (then --set data.spec=... names its data)")
     ev.add_argument("-n", "--n", type=int, default=2000, help="number of samples (default 2000)")
     ev.add_argument("--nll-samples", type=int, default=256, help="held-out samples for the likelihood (0: skip it)")
     ev.add_argument("--vlb-steps", default="0,100", help="chains for the VLB: 0 = full, K = respaced to K steps (default 0,100)")
@@ -416,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception", help="local FID Inception weights (pt_inception-2015-12-05-6726825d.pth) for FID on images")
     add_sampling_arguments(ev)
     ev.set_defaults(func=cmd_eval)
+    ex = sub.add_parser("export", help="write a run as a diffusers DDPMPipeline folder (model.network=diffusers, preset ddpm or ztsnr)")
+    ex.add_argument("run", help="run folder or checkpoint")
+    ex.add_argument("out", help="the folder to write (new or empty)")
+    ex.add_argument("--format", default="diffusers", choices=("diffusers",), help="the format (diffusers)")
+    ex.set_defaults(func=cmd_export)
     cp = sub.add_parser("compare", help="train and measure a grid of runs from a spec (shipped: design-space, families, guidance, objectives)")
     cp.add_argument("spec", help="a shipped spec (design-space, families, guidance, objectives) or a TOML file like diffspace/specs/*.toml")
     cp.add_argument("--quick", action="store_true", help="the spec's [quick] sizes: a smoke run of the whole pipeline")

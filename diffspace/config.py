@@ -44,6 +44,7 @@ class ModelConfig:
     class_conditional: bool = False
     label_dropout: float = 0.1  # classifier-free guidance: probability of training with the null label
     # network: a U-Net for images, an MLP for points
+    network: str = ""  # "" = diffspace's; "diffusers" = diffusers' UNet2DModel with the settings below (optional extra)
     base_channels: int = 64
     channel_mult: list = field(default_factory=lambda: [1, 2])
     num_blocks: int = 2
@@ -100,6 +101,7 @@ class SampleConfig:
     classifier_scale: float = 1.0  # S: D + S sigma^2 grad log p(y | x~, sigma)
     seed: int = 0
     batch: int = 2048  # samples per network batch: sample i's noise is chunk i // batch's (sampling.stream_seed)
+    clip_x0: float = 0.0  # clamp the denoiser's x0 to [-c, c] at every step (diffusers' clip_sample; 0 = off)
     options: dict = field(default_factory=dict)  # sampler options: every other [sample] key
 
 
@@ -166,7 +168,7 @@ RANGES = {
     "log.every": (1, 10**9), "log.sample_every": (0, 10**9), "log.checkpoint_every": (1, 10**9),
     "log.keep": (1, 10**6), "log.n_samples": (1, 10_000),
     "sample.nfe": (0, MAX_NFE), "sample.guidance": (-math.inf, math.inf), "sample.guidance_interval": (0, math.inf),
-    "sample.guidance_rescale": (0, 1), "sample.classifier_scale": (-math.inf, math.inf), "sample.seed": (0, 2**63 - 1),
+    "sample.guidance_rescale": (0, 1), "sample.clip_x0": (0, math.inf), "sample.classifier_scale": (-math.inf, math.inf), "sample.seed": (0, 2**63 - 1),
     "sample.batch": (1, 1 << 20),
 }
 

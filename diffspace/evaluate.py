@@ -420,6 +420,9 @@ def evaluate_model(model, cfg, run: str, n: int = 2000, sample_cfg=None, nll_sam
 
     sample_cfg = sample_cfg or cfg.sample
     data, _, test = load_data(cfg)
+    if tuple(data.x.shape[1:]) != tuple(model.shape):
+        raise ValueError(f"data {cfg.data.spec!r} has samples of shape {tuple(data.x.shape[1:])}, the model "
+                         f"{tuple(model.shape)}; measure it against data of its shape (data.spec)")
     s = sample(model, n, sample_cfg)
     if not distributed.is_main():  # under torchrun: the samples are shared out, rank 0 measures them
         return None

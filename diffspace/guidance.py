@@ -131,3 +131,11 @@ class ClassifierGuidance:
             (grad,) = torch.autograd.grad(self.log_prob(xx, sigma, self.labels).sum(), xx)
         factor = (self.scale * sigma**2 * inside).reshape(-1, *([1] * (x.ndim - 1)))
         return d + factor.to(d.dtype) * grad.to(d.dtype)
+
+
+def clip_x0(denoiser, c: float):
+    """D(x~, sigma) clamped to [-c, c]: the data range of [-1, 1] images for c = 1 (Ho et al.'s sampler
+    clips its x0 estimate, `clip_denoised`; diffusers' schedulers the same, `clip_sample`). Every
+    sampler then steps with the clamped D (its eps follows from it; diffusers' DDIM keeps the
+    unclamped eps, so the two differ where the clamp acts)."""
+    return lambda x, sigma: denoiser(x, sigma).clamp(-c, c)

@@ -31,6 +31,7 @@ from .schedules import DiscreteVP
 Tensor = torch.Tensor
 
 OBJECTIVES = ("weighted", "vlb", "hybrid")
+NETWORKS = ("", "diffusers")  # "": diffspace's U-Net for images, MLP for points; "diffusers": its UNet2DModel
 
 
 class Draw(NamedTuple):
@@ -247,13 +248,27 @@ class Diffusion(torch.nn.Module):
 
 
 def build_network(cfg: ModelConfig, shape: tuple, num_classes: int = 0, out_factor: int = 1) -> torch.nn.Module:
-    """A U-Net for (C, H, W) data, an MLP for (d,) data, with out_factor times the data's channels
+    """A U-Net for (C, H, W) data (diffspace's, or diffusers' UNet2DModel with model.network =
+    "diffusers"), an MLP for (d,) data, with out_factor times the data's channels
     (2 for a learned variance) and a class embedding if num_classes; for the energy
     parameterization, the scalar energy 0.5 ||x - net(x)||^2 built on it (nn.Energy)."""
     from .nn import MLP, Energy, UNet
+    from .nn.unet import group_count
 
     classes = num_classes or None
     out = shape[0] * out_factor
+    if cfg.network not in NETWORKS:
+        raise ValueError(f"model.network={cfg.network!r}; allowed: {', '.join(repr(n) for n in NETWORKS)}")
+    if cfg.network == "diffusers":
+        from .nn.diffusers_unet import build_diffusers_unet
+
+        if len(shape) != 3 or cfg.parameterization == "energy":
+            raise ValueError(f"model.network='diffusers' (UNet2DModel) needs (C, H, W) images and a vector output; "
+                             f"got data of shape {shape}, parameterization {cfg.parameterization!r}")
+        return build_diffusers_unet(in_channels=shape[0], out_channels=out, image_size=shape[1],
+                                    base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult),
+                                    num_blocks=cfg.num_blocks, attention_resolutions=tuple(cfg.attention),
+                                    dropout=cfg.dropout, num_classes=num_classes, groups=group_count(cfg.base_channels))
     if len(shape) == 3:
         net = UNet(shape[0], out, base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult),
                    num_blocks=cfg.num_blocks, attention_resolutions=tuple(cfg.attention), image_size=shape[1],
@@ -360,7 +375,12 @@ def checkpoint_path(path: Path) -> Path:
 
 def load_model(path: Path, device="cpu", kind: str = "diffusion"):
     """(EMA model, Config, data info) of a run folder (its latest checkpoint) or a checkpoint file;
-    `kind` is what the caller needs (a 'diffusion' model or a 'classifier'), checked."""
+    `kind` is what the caller needs (a 'diffusion' model or a 'classifier'), checked. A folder written
+    by diffusers' save_pretrained (UNet2DModel + scheduler) is read as one (diffusers_io.load_folder)."""
+    from . import diffusers_io
+
+    if kind == "diffusion" and diffusers_io.is_diffusers_folder(path):
+        return diffusers_io.load_folder(path, device)
     _, tensors, state = load_checkpoint(path)
     bad = ckpt.non_finite({k: v for k, v in tensors.items() if k.startswith("ema.")})
     if bad:

@@ -81,7 +81,7 @@ class Preconditioner:
         return None
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not isinstance(v, Tensor))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not isinstance(v, Tensor) and k != "formulas")
         return f"{type(self).__name__}({args})"
 
 
@@ -91,20 +91,27 @@ class VPPrecond(Preconditioner):
 
     sigma^{-1} the inverse of the schedule's sigma~(t); the default is the VP-SDE
     (beta_d = 19.9, beta_min = 0.1), M = 1000. Any variance-preserving schedule (e.g. a DDPM chain)
-    may stand in: F is then its eps-predictor fed (M - 1) t.
+    may stand in: F is then its eps-predictor fed (M - 1) t. index=True feeds a discrete chain's
+    0-based step index instead, c_noise = M sigma^{-1}(sigma) - 1 = i - 1 at step i = tM (M = T):
+    the timestep that Ho et al.'s code and diffusers' UNet2DModel are given.
     """
 
     formulas = dict(c_skip="1", c_out="-sigma", c_in="1/sqrt(sigma^2+1)", c_noise="(M-1) sigma^-1(sigma)")
 
-    def __init__(self, schedule: VPSchedule | None = None, M: int = 1000):
+    def __init__(self, schedule: VPSchedule | None = None, M: int = 1000, index: bool = False):
         schedule = VPSDE() if schedule is None else schedule
         if not isinstance(schedule, VPSchedule):
             raise ValueError(f"schedule={schedule!r} is not allowed: VP preconditioning needs a variance-preserving one")
-        self.schedule, self.M = schedule, M
+        self.schedule, self.M, self.index = schedule, M, index
+        if index:
+            self.formulas = {**self.formulas, "c_noise": "M sigma^-1(sigma) - 1 (step index i - 1)"}
+
+    def _c_noise(self, t: Tensor) -> Tensor:
+        return self.M * t - 1 if self.index else (self.M - 1) * t
 
     def _coefficients(self, sigma):
         one = torch.ones_like(sigma)
-        return one, -sigma, 1 / torch.sqrt(sigma**2 + 1), (self.M - 1) * self.schedule.t_from_sigma_tilde(sigma)
+        return one, -sigma, 1 / torch.sqrt(sigma**2 + 1), self._c_noise(self.schedule.t_from_sigma_tilde(sigma))
 
 
 class VPredPrecond(VPPrecond):
@@ -113,7 +120,7 @@ class VPredPrecond(VPPrecond):
     sigma_t = sigma alpha_t, z_t = alpha_t x~ gives
 
         c_skip = 1 / (sigma^2 + 1),  c_out = -sigma / sqrt(sigma^2 + 1),  c_in = 1 / sqrt(sigma^2 + 1),
-        c_noise = (M - 1) sigma^{-1}(sigma) as in VPPrecond (the schedule's own time).
+        c_noise = (M - 1) sigma^{-1}(sigma) as in VPPrecond (the schedule's own time; or its step index).
 
     The first three are EDM's with sigma_data = 1 but for the sign of F (EDM's F is -v); EDM's
     c_noise = ln(sigma) / 4 would diverge at sigma = inf, this one is M - 1 there. At zero SNR
@@ -124,10 +131,10 @@ class VPredPrecond(VPPrecond):
 
     def _coefficients(self, sigma):
         c_in = 1 / torch.sqrt(sigma**2 + 1)
-        return c_in**2, -sigma * c_in, c_in, (self.M - 1) * self.schedule.t_from_sigma_tilde(sigma)
+        return c_in**2, -sigma * c_in, c_in, self._c_noise(self.schedule.t_from_sigma_tilde(sigma))
 
     def _at_infinity(self):
-        return 0.0, -1.0, 1.0, (self.M - 1) * float(self.schedule.t_from_sigma_tilde(math.inf))
+        return 0.0, -1.0, 1.0, float(self._c_noise(self.schedule.t_from_sigma_tilde(math.inf)))
 
 
 class VEPrecond(Preconditioner):

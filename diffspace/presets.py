@@ -38,6 +38,8 @@ class Preset:
     solver_options       options the column gives a sampler, by sampler name: Table 1's VP and VE
                          columns integrate the ODE in their own time t (euler / heun `schedule=`)
     time_step_options    what the time-step rule takes beside numbers (the 'ddpm' grid's chain, spacing)
+    prior                how a sampler starts (samplers.initial_state): 'sigma', x~ = sigma_max eps (EDM),
+                         or 'unit', z_T ~ N(0, I) of a VP chain (DDPM's Algorithm 2)
     """
 
     name: str
@@ -58,6 +60,7 @@ class Preset:
     text: Mapping[str, str]
     solver_options: Mapping[str, Mapping] = field(default_factory=lambda: MappingProxyType({}))
     time_step_options: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    prior: str = "sigma"
 
     def __deepcopy__(self, memo) -> "Preset":
         return self  # immutable: a model copied for its EMA shares its preset
@@ -182,9 +185,9 @@ def _ddpm() -> Preset:
     return Preset(
         "ddpm", "Ho et al. 2020", MappingProxyType(p),
         solver="ddpm", time_steps="ddpm", time_step_params=("T",),
-        schedule=chain, training_schedule=chain, precond=VPPrecond(chain, p["T"]), architecture="DDPM",
+        schedule=chain, training_schedule=chain, precond=VPPrecond(chain, p["T"], index=True), architecture="DDPM",
         noise="discrete-uniform", noise_params=(),
-        weighting="constant", weighting_params=(), weighting_space="eps",
+        weighting="constant", weighting_params=(), weighting_space="eps", prior="unit",
         text=MappingProxyType({
             "time steps": "all steps i = T..1, ancestral, variance beta_i",
             "schedule": "sigma(t) = sqrt(1/abar_(tT) - 1), abar_i = prod_(j<=i) (1 - beta_j), beta linear",
@@ -226,9 +229,9 @@ def _ztsnr() -> Preset:
         "ztsnr", "Lin et al. 2024 (zero terminal SNR, v-prediction, trailing DDIM)", MappingProxyType(p),
         solver="ddim", time_steps="ddpm", time_step_params=("T",),
         time_step_options=MappingProxyType({"schedule": chain, "spacing": "trailing"}),
-        schedule=chain, training_schedule=chain, precond=VPredPrecond(chain, p["T"]), architecture="any",
+        schedule=chain, training_schedule=chain, precond=VPredPrecond(chain, p["T"], index=True), architecture="any",
         noise="discrete-uniform", noise_params=(),
-        weighting="constant", weighting_params=(), weighting_space="v",
+        weighting="constant", weighting_params=(), weighting_space="v", prior="unit",
         text=MappingProxyType({
             "time steps": "trailing: i = round(T - j T/N), j = 0..N-1, from i = T (sigma = inf, x = eps)",
             "schedule": "sigma(t) = sqrt(1/abar_(tT) - 1), sqrt(abar) of the linear betas shifted to 0 at T, "

@@ -118,10 +118,19 @@ def step_from_infinity(denoiser, eps: Tensor, sigma_next: float, eta: float = 0.
     return x + eta * sigma_next * _noise(eps, generator) if eta > 0 and sigma_next > 0 else x
 
 
-def initial_state(eps: Tensor, sigma_max: float) -> Tensor:
-    """The state at a grid's first level sigma_max for the unit noise eps: sigma_max eps, or eps itself
-    at sigma_max = inf (the convention of a zero-terminal-SNR start)."""
-    return eps if math.isinf(sigma_max) else sigma_max * eps
+PRIORS = ("sigma", "unit")
+
+
+def initial_state(eps: Tensor, sigma_max: float, prior: str = "sigma") -> Tensor:
+    """The state at a grid's first level sigma_max for the unit noise eps: sigma_max eps (prior 'sigma',
+    Karras et al. 2022, Algorithm 1) or sqrt(1 + sigma_max^2) eps (prior 'unit': z_T = eps ~ N(0, I)
+    as in Ho et al. 2020, Algorithm 2, divided by alpha_T of the VP chain); eps itself at sigma_max =
+    inf (the convention of a zero-terminal-SNR start)."""
+    if prior not in PRIORS:
+        raise ValueError(f"prior={prior!r}; allowed: {', '.join(PRIORS)}")
+    if math.isinf(sigma_max):
+        return eps
+    return (math.sqrt(1 + sigma_max**2) if prior == "unit" else sigma_max) * eps
 
 
 def _starting_at_infinity(sampler, eta: float = 0.0):
@@ -1025,20 +1034,26 @@ def grid_flow(n: int, t_min: float = 0.002 / 1.002, t_max: float = 80 / 81) -> T
     return _with_zero(t / (1 - t))
 
 
-def grid_ddpm(n: int, T: int = 1000, spacing: str = "trailing", schedule: DiscreteVP | None = None) -> Tensor:
+def grid_ddpm(n: int, T: int = 1000, spacing: str = "trailing", schedule: DiscreteVP | None = None,
+              offset: int = 0) -> Tensor:
     """A discrete DDPM chain's sigma~ at n of its T steps (indices 1..T as in Ho et al. 2020), spaced as
-    in Lin et al. (2024, Table 2): 'linspace' round(linspace(1, T, n)), 'leading' 1 + j floor(T/n),
-    'trailing' round(T - j T/n) (default); n = T is the full chain. The chain is ddpm_linear(T) unless
-    `schedule` (a DiscreteVP, whose T wins) is given."""
+    in Lin et al. (2024, Table 2) and diffusers' `timestep_spacing` (their 0-based timestep is i - 1):
+    'linspace' 1 + round(linspace(0, T - 1, n)), 'leading' 1 + j floor(T/n) + offset (diffusers'
+    `steps_offset`, e.g. 1 for Stable Diffusion), 'trailing' round(T - j T/n) (default); n = T is the
+    full chain. The chain is ddpm_linear(T) unless `schedule` (a DiscreteVP, whose T wins) is given."""
     chain = schedule if schedule is not None else ddpm_linear(T)
     T = chain.T
     if n > T:
         raise ValueError(f"n={n} steps exceed the chain's T={T}")
     j = torch.arange(n, dtype=torch.float64)
     if spacing == "linspace":
-        steps = torch.round(torch.linspace(T, 1, n, dtype=torch.float64)) if n > 1 else torch.tensor([float(T)])
+        steps = 1 + torch.flip(torch.round(torch.linspace(0, T - 1, n, dtype=torch.float64)), [0]) if n > 1 \
+            else torch.tensor([float(T)])
     elif spacing == "leading":
-        steps = torch.flip(1 + j * (T // n), [0])
+        steps = torch.flip(1 + j * (T // n), [0]) + offset
+        if not (0 <= offset and steps[0] <= T):
+            raise ValueError(f"offset={offset} puts the first of {n} leading steps at {int(steps[0])}; allowed: 0 <= offset "
+                             f"<= {T - int(steps[0] - offset)} on a chain of T={T}")
     elif spacing == "trailing":
         steps = torch.round(T - j * T / n)
     else:

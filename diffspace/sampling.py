@@ -132,7 +132,8 @@ def _check_guide(guide, model, what: str) -> None:
 def guided_denoiser(model, cfg: SampleConfig, labels: Tensor | None, device="cpu"):
     """D(x, sigma) of the model at `labels` with the guidance cfg asks for: classifier-free when
     guidance != 1 on labels, autoguidance with guide_run, classifier guidance with classifier (the
-    two last load their runs here). Returns (D, the outermost guidance wrapper or None)."""
+    two last load their runs here), clamped to [-clip_x0, clip_x0] if set. Returns (D, the outermost
+    guidance wrapper or None)."""
     w, interval, phi = cfg.guidance, tuple(cfg.guidance_interval), cfg.guidance_rescale
     if interval and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
         raise ValueError(f"sample.guidance_interval={list(interval)} must be [sigma_lo, sigma_hi] with 0 <= lo <= hi")
@@ -160,6 +161,8 @@ def guided_denoiser(model, cfg: SampleConfig, labels: Tensor | None, device="cpu
         if int(labels.max()) >= clf.num_classes:
             raise ValueError(f"sample.classes asks for class {int(labels.max())}; the classifier knows {clf.num_classes}")
         D = wrapper = guidance.ClassifierGuidance(D, clf.log_prob, labels, cfg.classifier_scale, interval)
+    if cfg.clip_x0:
+        D = guidance.clip_x0(D, cfg.clip_x0)
     return D, wrapper
 
 
@@ -272,6 +275,6 @@ def _sample_chunk(model, cfg: SampleConfig, p: Plan, shape: tuple, k: int, n: in
     if p.sampler == "mala" and "energy" not in options:  # log p of the model at the labels (checked above)
         options["energy"] = lambda x, s: model.energy(x, s, labels)
     g = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, k))
-    x = initial_state(torch.randn((n, *shape), generator=g, device=device), p.sigmas[0].item())
+    x = initial_state(torch.randn((n, *shape), generator=g, device=device), p.sigmas[0].item(), model.preset.prior)
     x = SAMPLERS[p.sampler](D, x, p.sigmas.to(device), generator=g, callback=callback, **options)
     return x, counted.calls, wrapper.guided if wrapper is not None else 0

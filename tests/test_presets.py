@@ -134,8 +134,9 @@ def test_ddpm_preconditioner_is_the_eps_model_on_its_chain():
     c_skip, c_out, c_in, c_noise = get_preset("ddpm").precond(torch.tensor(SIGMAS[:4], dtype=F64))
     np.testing.assert_allclose(c_out.numpy(), -SIGMAS[:4], rtol=1e-12)
     np.testing.assert_allclose(c_in.numpy(), 1 / np.sqrt(SIGMAS[:4] ** 2 + 1), rtol=1e-12)
-    # c_noise = 999 t with sigma~(t) = sigma: log alpha-bar is linear in t between the steps i / 1000
-    log_abar = np.interp(c_noise.numpy() / 999 * 1000, np.arange(1001), np.log(ddpm_alpha_bar()))
+    # c_noise = 1000 t - 1, the 0-based step index (Ho et al.'s code, diffusers), with sigma~(t) = sigma:
+    # log alpha-bar is linear in t between the steps i / 1000
+    log_abar = np.interp(c_noise.numpy() + 1, np.arange(1001), np.log(ddpm_alpha_bar()))
     np.testing.assert_allclose(np.sqrt(np.exp(-log_abar) - 1), SIGMAS[:4], rtol=1e-9)
 
 

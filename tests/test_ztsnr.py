@@ -133,7 +133,7 @@ def test_preset_precond_is_v_prediction_and_edm_with_unit_sigma_data():
     c_skip, c_out, c_in, c_noise = p.precond(sigma)
     e_skip, e_out, e_in, _ = EDMPrecond(1.0)(sigma)  # the same but for the sign of F (EDM's F = -v)
     torch.testing.assert_close((c_skip, -c_out, c_in), (e_skip, e_out, e_in))
-    torch.testing.assert_close(c_noise, (T - 1) * CHAIN.t_from_sigma_tilde(sigma))
+    torch.testing.assert_close(c_noise, T * CHAIN.t_from_sigma_tilde(sigma) - 1)  # the 0-based step index
     # a net that returns the exact v = alpha eps - sigma_t x of its input gives D = x, also at sigma = inf
     g = torch.Generator().manual_seed(0)
     x, eps = torch.randn(4, 3, generator=g, dtype=F64), torch.randn(4, 3, generator=g, dtype=F64)
