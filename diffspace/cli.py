@@ -1,4 +1,5 @@
-"""Command line: `diffspace train | train-classifier | reflow | sample | edit | eval | compare | phema | info | demo`.
+"""Command line: `diffspace train | train-classifier | train-autoencoder | reflow | sample | edit | eval | export | compare |
+phema | info | demo`.
 Bad arguments exit 2 with a one-line message."""
 
 from __future__ import annotations
@@ -84,11 +85,17 @@ def cmd_train(args, kind: str = "diffusion") -> int:
             if value is not None:
                 overrides.append(f"{key}={value}")
         cfg = load_config(config, overrides)
-        if kind == "classifier":
-            cfg.model.kind = "classifier"
+        if kind != "diffusion":
+            cfg.model.kind = kind
         summary = train(cfg, Path(args.out), progress=not args.quiet)
     if distributed.is_main():
         print(f"trained to step {summary['steps']} in {summary['seconds']:.1f} s -> {summary['run_dir']}")
+        if kind == "autoencoder":
+            from .train import autoencoder_quality, load_data
+
+            psnr, std = autoencoder_quality(summary["ema"], load_data(summary["config"])[2])
+            print(f"held-out reconstruction PSNR {psnr:.2f} dB; latent std {std:.4f} (data.encoder={summary['run_dir']} "
+                  f"scales its latents to std 0.5)")
     return 0
 
 
@@ -188,6 +195,9 @@ def cmd_edit(args) -> int:
         raise ValueError("edit needs exactly one of --mask (inpainting), --strength (SDEdit) or --invert (encode + decode)")
     check_count("--n", args.n, 1)
     model, cfg, _ = load_model(Path(args.run))
+    if model.encoder.latent:
+        raise ValueError(f"{args.run} is a latent run (data.encoder={cfg.data.encoder!r}); edit masks and noises pixels, "
+                         "so it needs a pixel-space run")
     settings = sample_settings(args, cfg.sample)
     p = plan(model.preset, settings)
     source = load_data(cfg)[2] if args.input == "held-out" else load(args.input)
@@ -309,7 +319,7 @@ def eval_figures(result: dict, folder: Path) -> list[Path]:
         plots.save_samples(x, paths[0], reference=real, labels=result["labels"])
     else:
         plots.samples_vs_data(x[:100], real[:100], paths[0])
-    plots.loss_per_noise_level_figure({"EMA model": model}, real[:256], paths[1])
+    plots.loss_per_noise_level_figure({"EMA model": model}, model.encoder.encode(real[:256]), paths[1])
     if data.kind == "points" and x.shape[1] == 2:
         mixture = MIXTURES[MIXTURE_SPECS[data.name]]() if data.name in MIXTURE_SPECS else None
         # within the model's noise range (VE nets that predict in t: 0.02..100), less the factor sqrt(2)
@@ -321,7 +331,7 @@ def eval_figures(result: dict, folder: Path) -> list[Path]:
     elif data.kind == "images":
         snapshots = []
         sample(model, 6, result["sample_cfg"],
-               callback=lambda s: snapshots.append((s["sigma"], s["x"].clone(), s["denoised"].clone())))
+               callback=lambda s: snapshots.append((s["sigma"], model.encoder.decode(s["x"]), model.encoder.decode(s["denoised"]))))
         plots.reverse_snapshots(snapshots, paths[2])
     else:
         paths.pop()
@@ -381,13 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .process import REVERSE_VARIANCES
 
     p = _Parser(prog="diffspace", description="The design space of diffusion models.")
-    sub = p.add_subparsers(dest="command", metavar="{train,train-classifier,reflow,sample,edit,eval,compare,phema,info,demo}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{train,train-classifier,train-autoencoder,reflow,sample,edit,eval,export,compare,phema,info,demo}", parser_class=_Parser)
     tr = sub.add_parser("train", help="train a model from a TOML config and section.key=value overrides")
     add_train_arguments(tr, "runs/train")
     tr.set_defaults(func=cmd_train)
     tc = sub.add_parser("train-classifier", help="train a noise-conditional classifier p(y | x~, sigma) for classifier guidance")
     add_train_arguments(tc, "runs/classifier")
     tc.set_defaults(func=lambda args: cmd_train(args, kind="classifier"))
+    ta = sub.add_parser("train-autoencoder", help="train a KL-regularised autoencoder for latent diffusion (then train data.encoder=RUN)")
+    add_train_arguments(ta, "runs/autoencoder")
+    ta.set_defaults(func=lambda args: cmd_train(args, kind="autoencoder"))
     rf = sub.add_parser("reflow", help="rectified flow's reflow: (noise, sample) pairs of a run's ODE, a new run trained on them")
     rf.add_argument("run", help="the run (folder or checkpoint) whose deterministic sampler makes the pairs")
     rf.add_argument("overrides", nargs="*", help="section.key=value for the new run, e.g. train.lr=1e-3")
@@ -464,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SHARDED = ("train", "train-classifier", "sample", "eval")  # the commands that share their work under torchrun
+SHARDED = ("train", "train-classifier", "train-autoencoder", "sample", "eval")  # the commands that share their work under torchrun
 
 
 def main(argv: list[str] | None = None) -> int:

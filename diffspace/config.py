@@ -27,11 +27,12 @@ class DataConfig:
     test_fraction: float = 0.1
     seed: int = 0  # the data's own seed: generated points, the data.n subset, the train/test split (not train.seed)
     hflip: bool = False  # images: mirror each training image left-right with probability 1/2 (per step)
+    encoder: str = ""  # latent diffusion: "" = pixels; a train-autoencoder run folder or a diffusers AutoencoderKL folder
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "diffusion"  # "diffusion" (a denoiser) or "classifier" (p(y | x~, sigma), for classifier guidance)
+    kind: str = "diffusion"  # "diffusion" (a denoiser), "classifier" (p(y | x~, sigma), for classifier guidance) or "autoencoder" (latent diffusion)
     preset: str = "edm"
     parameterization: str = "precond"  # "precond" (Table 1 as is) or one of PARAMETERIZATIONS
     weighting: str = ""  # "" = the preset's; else a name in losses.WEIGHTINGS (stated in `weighting_space`)
@@ -50,6 +51,8 @@ class ModelConfig:
     num_blocks: int = 2
     attention: list = field(default_factory=list)  # resolutions with self-attention
     dropout: float = 0.0
+    latent_channels: int = 4  # autoencoder: channels of z (spatial size: the image's / 2^(len(channel_mult) - 1))
+    kl_weight: float = 1e-3  # autoencoder: beta on KL(q(z | x) || N(0, I)) per latent entry, beside the per-pixel MSE
     hidden: int = 256  # MLP
     depth: int = 4  # MLP
 
@@ -158,7 +161,7 @@ MAX_NFE = 10_000  # network evaluations per sample (5x score_sde's PC budget): m
 RANGES = {
     "data.size": (0, 4096), "data.channels": (0, 3), "data.n": (0, 10**8), "data.test_fraction": (0, 1, ")"), "data.seed": (0, 2**63 - 1),
     "model.hybrid_lambda": (0, math.inf), "model.offset_noise": (0, math.inf), "model.label_dropout": (0, 1, ")"),
-    "model.base_channels": (1, 4096), "model.channel_mult": (1, 64), "model.num_blocks": (1, 64),
+    "model.base_channels": (1, 4096), "model.latent_channels": (1, 1024), "model.kl_weight": (0, math.inf), "model.channel_mult": (1, 64), "model.num_blocks": (1, 64),
     "model.attention": (1, 4096), "model.dropout": (0, 1, ")"), "model.hidden": (1, 1 << 16), "model.depth": (1, 256),
     "train.steps": (1, 10**9), "train.batch_size": (1, 1 << 20), "train.lr": (0, math.inf, "("),
     "train.lr_min_ratio": (0, 1), "train.warmup": (0, 10**9), "train.weight_decay": (0, math.inf),

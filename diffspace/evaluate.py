@@ -414,20 +414,23 @@ def evaluate_model(model, cfg, run: str, n: int = 2000, sample_cfg=None, nll_sam
     `cfg`) and measure them (sample_quality, each figure beside its noise floor; with class labels
     also class_quality), then the likelihood of nll_samples held-out samples (likelihood: the VLB on
     the chains `vlb_steps`, the probability-flow ODE with pf_ode_steps: None = adaptive, K = K RK4
-    steps; 0 / () skips them; vlb_variance and pf_ode_rtol as in `likelihood`)."""
+    steps; 0 / () skips them; vlb_variance and pf_ode_rtol as in `likelihood`). A latent run (data.encoder)
+    is measured on its decoded samples; its likelihood would be of the latents, not the pixels, and is
+    not reported."""
     from .sampling import sample
     from .train import load_data
 
     sample_cfg = sample_cfg or cfg.sample
     data, _, test = load_data(cfg)
-    if tuple(data.x.shape[1:]) != tuple(model.shape):
+    latent = model.encoder.latent  # measured in pixels, after decoding; no pixel likelihood of a latent model
+    if not latent and tuple(data.x.shape[1:]) != tuple(model.shape):
         raise ValueError(f"data {cfg.data.spec!r} has samples of shape {tuple(data.x.shape[1:])}, the model "
                          f"{tuple(model.shape)}; measure it against data of its shape (data.spec)")
     s = sample(model, n, sample_cfg)
     if not distributed.is_main():  # under torchrun: the samples are shared out, rank 0 measures them
         return None
     rows = sample_quality(s.x, data, labels=s.labels, seed=sample_cfg.seed, inception=inception)
-    if nll_samples:
+    if nll_samples and not latent:
         rows += likelihood(model, test.x[:nll_samples], data.levels, vlb_steps=vlb_steps,
                            vlb_variance=vlb_variance, pf_ode_steps=pf_ode_steps, pf_ode_rtol=pf_ode_rtol,
                            seed=sample_cfg.seed)

@@ -89,7 +89,10 @@ class Diffusion(torch.nn.Module):
                  hybrid_lambda: float = 0.001, levels: int = 0, shape: tuple = (), num_classes: int = 0,
                  coupling: str = "independent", offset_noise: float = 0.0):
         super().__init__()
+        from .encoder import Encoder
+
         self.shape, self.num_classes = tuple(shape), num_classes  # per-sample data shape; classes (0: unconditional)
+        self.encoder = Encoder()  # pixels; a latent run's autoencoder (encoder.py) decodes its samples
         if parameterization != "precond" and parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization={parameterization!r}; allowed: precond, {', '.join(PARAMETERIZATIONS)}")
         if objective not in OBJECTIVES:
@@ -345,13 +348,66 @@ class NoisyClassifier(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self(x + broadcast(sigma, x) * eps, sigma).float(), labels, reduction="none")
 
 
+class LatentAutoencoder(torch.nn.Module):
+    """The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, sec. 3) as a model the
+    training loop trains like the others, with the per-sample loss
+
+        ||Dec(z) - x||^2 / dim(x) + kl_weight KL(q(z | x) || N(0, I)) / dim(z),   z = mean + exp(logvar / 2) eps,
+
+    eps the Draw's (the reparameterisation; t unused). `encoder.load` reads a trained one back as
+    the Encoder of a latent run (the perceptual and adversarial terms of the paper are left out:
+    they need weights this project does not download)."""
+
+    def __init__(self, F: torch.nn.Module, shape: tuple, kl_weight: float = 1e-3):
+        super().__init__()
+        self.F, self.shape, self.kl_weight, self.num_classes = F, tuple(shape), float(kl_weight), 0
+        c, h, w = self.shape
+        self.latent_shape = (F.latent_channels, h // F.factor, w // F.factor)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, shape: tuple) -> "LatentAutoencoder":
+        from .nn.autoencoder import Autoencoder
+
+        if len(shape) != 3:
+            raise ValueError(f"model.kind='autoencoder' needs (C, H, W) images; got data of shape {shape}")
+        F = Autoencoder(shape[0], cfg.latent_channels, cfg.base_channels, tuple(cfg.channel_mult), cfg.num_blocks)
+        if shape[1] % F.factor or shape[2] % F.factor:
+            raise ValueError(f"images of {shape[1]}x{shape[2]} are not divisible by 2^(len(model.channel_mult) - 1) = {F.factor}")
+        return cls(F, shape, cfg.kl_weight)
+
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.F
+
+    def draw(self, x: Tensor, generator: torch.Generator, eps: Tensor | None = None) -> Draw:
+        """eps ~ N(0, I) of the latents' shape (t: zeros, unused)."""
+        eps = torch.randn((x.shape[0], *self.latent_shape), generator=generator, dtype=x.dtype, device=x.device)
+        return Draw(torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), eps)
+
+    def observe(self, t: Tensor, loss: Tensor) -> None:
+        """Nothing to keep (see Diffusion.observe)."""
+
+    def loss(self, x: Tensor, labels: Tensor | None = None, generator: torch.Generator | None = None,
+             t: Tensor | None = None, eps: Tensor | None = None) -> Tensor:
+        if eps is None:
+            eps = self.draw(x, generator).eps
+        mean, logvar = self.F.encode(x)
+        recon = self.F.decode(mean + torch.exp(0.5 * logvar) * eps)
+        mse = ((recon.float() - x.float()) ** 2).flatten(1).mean(1)
+        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).flatten(1).mean(1)
+        return mse + self.kl_weight * kl
+
+
 def build_model(cfg: ModelConfig, shape: tuple, num_classes: int = 0, levels: int = 0):
-    """The one construction site of a run's model: a Diffusion, or a NoisyClassifier (model.kind)."""
+    """The one construction site of a run's model: a Diffusion, a NoisyClassifier or a
+    LatentAutoencoder (model.kind)."""
     if cfg.kind == "diffusion":
         return Diffusion.from_config(cfg, shape, num_classes, levels)
     if cfg.kind == "classifier":
         return NoisyClassifier.from_config(cfg, shape, num_classes)
-    raise ValueError(f"model.kind={cfg.kind!r}; allowed: diffusion, classifier")
+    if cfg.kind == "autoencoder":
+        return LatentAutoencoder.from_config(cfg, shape)
+    raise ValueError(f"model.kind={cfg.kind!r}; allowed: diffusion, classifier, autoencoder")
 
 
 def load_checkpoint(path: Path) -> tuple[Path, dict, dict]:
@@ -392,4 +448,8 @@ def load_model(path: Path, device="cpu", kind: str = "diffusion"):
     info = state["data"]
     model = build_model(cfg.model, tuple(info["shape"]), info["num_classes"], info.get("levels", 0))
     ckpt.load_module(model, tensors, "ema")
+    if kind == "diffusion" and cfg.data.encoder:  # a latent run: samples are decoded to pixels
+        from .encoder import load_encoder
+
+        model.encoder = load_encoder(cfg.data.encoder, device)
     return model.to(device).eval(), cfg, info

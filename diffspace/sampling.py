@@ -239,7 +239,8 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
     samples k * batch .. and has its own generator (stream_seed), so a sample does not depend on how
     many processes share the work. Under torchrun rank r computes chunks r, r + W, ..., and every
     rank gets all n (distributed.gather_chunks); shared=False: this process alone computes every chunk
-    (rank 0's sample grids during training). `callback` sees each of this rank's chunks in turn."""
+    (rank 0's sample grids during training). `callback` sees each of this rank's chunks in turn (in
+    the model's space: a latent run's samples alone are decoded to pixels)."""
     cfg = cfg or SampleConfig()
     shape = tuple(shape or model.shape)
     if n < 1 or not shape:
@@ -259,6 +260,8 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
         x = distributed.gather_chunks(x, count, cfg.batch, n, torch.empty((0, *shape), device=device))
         calls, guided = distributed.most(calls), distributed.most(guided)
     x = torch.cat(x)
+    if getattr(model, "encoder", None) is not None:  # a latent run's samples in pixels (encoder.py; pixels: identity)
+        x = model.encoder.decode(x)
     return Samples(x, labels, p, calls, guided, describe_guidance(cfg))
 
 

@@ -32,7 +32,8 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, TrainConfig
-from .model import Diffusion, build_model
+from .encoder import load_encoder
+from .model import Diffusion, LatentAutoencoder, build_model
 from .sampling import class_labels, plan, sample, stream_seed
 
 Tensor = torch.Tensor
@@ -224,13 +225,21 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     torch.manual_seed(cfg.train.seed)
 
     data, train_set, test_set = load_data(cfg)
-    if cfg.data.hflip and len(train_set.shape) != 3:
-        raise ValueError(f"data.hflip=true mirrors images; {cfg.data.spec!r} holds points of shape {train_set.shape}")
+    if cfg.data.hflip and (len(train_set.shape) != 3 or cfg.data.encoder):
+        raise ValueError(f"data.hflip=true mirrors images; {cfg.data.spec!r} holds points of shape {train_set.shape}"
+                         if len(train_set.shape) != 3 else "data.hflip=true mirrors pixels; a latent run (data.encoder) "
+                         "trains on latents encoded once: flip the images before encoding instead")
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(f"the training set of {cfg.data.spec!r} has {len(train_set)} samples, "
                          f"fewer than train.batch_size={cfg.train.batch_size}")
-    model = build_model(cfg.model, train_set.shape, data.num_classes, data.levels).to(device)
+    if cfg.data.encoder and cfg.model.kind != "diffusion":
+        raise ValueError(f"data.encoder={cfg.data.encoder!r} is for diffusion models; model.kind={cfg.model.kind!r} trains on pixels")
+    encoder = load_encoder(cfg.data.encoder, device)  # pixels: the identity
+    train_set = encoder.dataset(train_set)
+    model = build_model(cfg.model, train_set.shape, data.num_classes, train_set.levels).to(device)
     denoising = isinstance(model, Diffusion)
+    if denoising:
+        model.encoder = encoder
     if train_set.eps is not None and not denoising:
         raise ValueError(f"data {cfg.data.spec!r} holds paired noise (eps): it trains a diffusion model, not a classifier")
     if cfg.train.init and not resume:
@@ -280,8 +289,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
         tensors = {**ckpt.module_tensors(model, "model"), **ckpt.module_tensors(ema, "ema"), **opt_tensors, **rng,
                    **phema_tensors()}
-        data_info = {"shape": list(train_set.shape), "num_classes": data.num_classes, "sigma_data": data.sigma_data,
-                     "levels": data.levels}
+        data_info = {"shape": list(train_set.shape), "num_classes": data.num_classes, "sigma_data": train_set.sigma_data,
+                     "levels": train_set.levels}
         ckpt.save(run_dir / "checkpoints", step, tensors,
                   {"config": cfg.to_dict(), "optimizer": opt_meta, "data": data_info}, keep=cfg.log.keep)
 
@@ -306,7 +315,7 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
             if cfg.data.hflip:
                 x = random_hflip(x, noise_gen)
             labels = None
-            if not denoising:  # a classifier learns the labels themselves
+            if not denoising and y_all is not None:  # a classifier learns the labels themselves
                 labels = y_all[idx]
             elif y_all is not None and cfg.model.class_conditional:
                 labels = y_all[idx].clone()
@@ -471,7 +480,12 @@ def _write_report(run_dir: Path, cfg: Config, data, ema, seconds: float, test_se
     if isinstance(ema, Diffusion):
         p = plan(ema.preset, cfg.sample)
         spent = f"{p.nfe} network evaluations" if p.nfe is not None else "its own number of network evaluations (adaptive)"
-        result = f"- samples: EMA weights, `{p.sampler}` sampler, {spent}\n\n![samples](samples/final.png)"
+        result = (f"- space: {ema.encoder.summary}\n- samples: EMA weights, `{p.sampler}` sampler, {spent}\n\n"
+                  "![samples](samples/final.png)")
+    elif isinstance(ema, LatentAutoencoder):
+        psnr, std = autoencoder_quality(ema, test_set)
+        result = (f"- autoencoder: latents {'x'.join(map(str, ema.latent_shape))}, held-out reconstruction PSNR "
+                  f"{psnr:.2f} dB (data in [-1, 1]), latent std {std:.4f} (a latent run scales it to 0.5)")
     else:
         result = "- held-out accuracy of the EMA classifier at noise level sigma: " + ", ".join(
             f"{s:g}: {100 * a:.1f}%" for s, a in classifier_accuracy(ema, test_set).items())
@@ -488,6 +502,16 @@ def _write_report(run_dir: Path, cfg: Config, data, ema, seconds: float, test_se
 Full configuration: `config.toml`; metrics per step: `metrics.csv`; checkpoints: `checkpoints/`.
 """
     ckpt.atomic_write_text(run_dir / "report.md", text)
+
+
+@torch.no_grad()
+def autoencoder_quality(ae: LatentAutoencoder, test_set) -> tuple[float, float]:
+    """(PSNR in dB of the held-out images decoded from their posterior means, 10 log10(2^2 / MSE) for
+    data in [-1, 1]; the standard deviation of those latents)."""
+    device = next(ae.parameters()).device
+    mean = ae.F.encode(test_set.x.to(device))[0]
+    mse = float(((ae.F.decode(mean) - test_set.x.to(device)) ** 2).mean())
+    return 10 * math.log10(4 / max(mse, 1e-12)), float(mean.double().std())
 
 
 @torch.no_grad()

@@ -166,6 +166,8 @@ def test_class_conditional_folder_and_autoguidance(tmp_path):
     r = ok(run("sample", folder, "--class", "all", "-n", 3, "--guide-run", weak, "--guidance", 2, "--nfe", 10,
                "--out", tmp_path / "g.png"))
     assert "autoguidance w=2" in r.stdout
+    one_line_error(run("sample", folder, "--class", 1, "--guidance", 2, "-n", 2), "no null label", "--guide-run")
+    one_line_error(run("sample", folder, "-n", 2), "no null label")
 
 
 def test_eval_of_a_diffusers_folder_against_named_data(tmp_path):
@@ -228,3 +230,24 @@ def test_bad_folders_and_exports_get_one_line_errors(tmp_path):
                        "model.network=diffusers"), "(C, H, W) images")
     one_line_error(run("train", "--data", "digits", "--steps", 2, "--out", tmp_path / "m2", "--quiet",
                        "model.network=unet2d"), "model.network", "diffusers")
+
+
+def test_a_diffusers_autoencoderkl_folder_as_the_latent_encoder(tmp_path):
+    """data.encoder = a local AutoencoderKL folder: its posterior mean x scaling_factor, decoded back."""
+    from diffspace.encoder import load_encoder
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 16), latent_channels=2,
+                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  norm_num_groups=4, sample_size=8, scaling_factor=0.7)
+    vae.save_pretrained(tmp_path / "vae")
+    enc = load_encoder(str(tmp_path / "vae"))
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean
+        torch.testing.assert_close(enc.encode(x), 0.7 * mean)
+        torch.testing.assert_close(enc.decode(0.7 * mean), vae.decode(mean).sample)
+    ok(run("train", "--data", "digits", "--steps", 5, "--out", tmp_path / "lat", "--quiet", f"data.encoder={tmp_path / 'vae'}",
+           "model.base_channels=8", "model.channel_mult=[1]", "model.num_blocks=1", "train.batch_size=16", "log.n_samples=4"))
+    ok(run("sample", tmp_path / "lat", "-n", 3, "--nfe", 6, "--out", tmp_path / "s.png"))
+    assert np.load(tmp_path / "s.npz")["x"].shape == (3, 1, 8, 8)

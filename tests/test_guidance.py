@@ -420,7 +420,7 @@ def test_guided_sampling_through_every_preset_and_parameterization(preset, param
     p, labels = plain.plan, plain.labels
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        x = initial_state(torch.randn((n, 2), generator=g), p.sigmas[0].item())  # eps itself from sigma = inf
+        x = initial_state(torch.randn((n, 2), generator=g), p.sigmas[0].item(), model.preset.prior)  # eps itself from sigma = inf
         expect = SAMPLERS[p.sampler](lambda x, s: model(x, s, labels), x, p.sigmas, generator=g, **p.options)
     assert torch.equal(plain.x, expect)
     assert plain.evaluations == p.nfe and plain.guided == 0
@@ -434,7 +434,7 @@ def test_guided_sampling_through_every_preset_and_parameterization(preset, param
         return du + 2 * (dc - du)
 
     with torch.no_grad():
-        x = initial_state(torch.randn((n, 2), generator=g), p.sigmas[0].item())  # eps itself from sigma = inf
+        x = initial_state(torch.randn((n, 2), generator=g), p.sigmas[0].item(), model.preset.prior)  # eps itself from sigma = inf
         expect = SAMPLERS[p.sampler](by_hand, x, p.sigmas, generator=g, **p.options)
     scale = float(expect.abs().max()) + 1
     torch.testing.assert_close(s.x, expect, rtol=1e-4, atol=1e-5 * scale)  # float32 nets, batch 2n vs n

@@ -431,3 +431,17 @@ def test_bad_input():
         S.ddim(ring8(), x, sigmas, eta=2.0)
     with pytest.raises(ValueError, match="variance"):
         S.ddpm(ring8(), x, sigmas, variance="learned")
+
+
+def test_unit_prior_is_ddpm_algorithm_2s_unit_noise_in_z():
+    """prior 'unit': z_T = alpha_T x~ = eps ~ N(0, I) (Ho et al. 2020, Algorithm 2, line 1) with
+    alpha_T = 1 / sqrt(1 + sigma_T^2) of the VP chain; 'sigma' is EDM's sigma_max eps; inf keeps eps."""
+    from diffspace.samplers import initial_state
+
+    eps = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma = 157.0
+    torch.testing.assert_close(initial_state(eps, sigma, "unit") / math.sqrt(1 + sigma**2), eps)
+    torch.testing.assert_close(initial_state(eps, sigma), sigma * eps)
+    assert initial_state(eps, math.inf, "unit") is eps
+    with pytest.raises(ValueError, match="prior='vp'.*sigma, unit"):
+        initial_state(eps, sigma, "vp")

@@ -41,6 +41,11 @@ class DiffusersUNet(nn.Module):
         c = c.reshape(1).expand(x.shape[0]) if c.numel() == 1 else c
         if class_labels is None and self.null_label is not None:
             class_labels = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+        rows = self.unet.config.num_class_embeds
+        if rows and (class_labels is None or int(class_labels.max()) >= rows):
+            raise ValueError(f"this UNet2DModel knows class labels 0..{rows - 1} and no null label: it needs a class "
+                             "for every sample (--class), and classifier-free guidance is not possible with it "
+                             "(autoguidance with --guide-run is)")
         return self.unet(x, c, class_labels=class_labels).sample
 
 
