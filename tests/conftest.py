@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+import subprocess
+
 import torch
 
 from diffspace.sampling import Counted as Counting  # noqa: F401  (a denoiser that counts its calls)
@@ -22,3 +24,15 @@ def non_blank_png(path) -> bool:
 
     img = np.asarray(Image.open(path).convert("L"), dtype=float)
     return img.shape[0] >= 100 and img.shape[1] >= 100 and img.std() > 8
+
+
+def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """The command line run in this process (`diffspace.cli.main`), as subprocess.run would report it
+    (returncode, stdout, stderr): for checks of bad input, which fail before any work, without the
+    seconds a new Python process costs."""
+    from diffspace.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)

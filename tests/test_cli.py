@@ -25,6 +25,7 @@ def _assert_non_blank_png(path, min_size=(100, 100)):
     assert img.std() > 10, f"{path} looks blank"
 
 
+@pytest.mark.slow  # CI runs the whole demo right after the suite (README command 1, .ci/run)
 def test_demo_smoke_writes_every_figure_and_the_report(tmp_path):
     """The main job at 2% of its training steps (the full run is timed in the README/closing note)."""
     out = tmp_path / "run"

@@ -13,6 +13,7 @@ from diffspace.compare import load_spec, run_config, shipped_specs
 
 
 
+@pytest.mark.slow  # 60 s; the guidance spec below and test_fuzz's compare runs keep the path in the default suite
 @pytest.mark.parametrize("name, datasets, runs, nfes", [
     ("objectives", ["digits"], ["L_simple", "L_vlb, fixed Sigma", "hybrid, learned Sigma"], [10]),
     ("design-space", ["digits", "ring8"], ["VP", "VE", "iDDPM + DDIM", "EDM", "EDM, deis_pc"], [5, 10]),

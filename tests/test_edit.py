@@ -128,7 +128,13 @@ REPLACE_MEASURED = {("mix4", "heun"): 22, ("mix4", "ddpm"): 19, ("mix4", "edm_sd
 
 
 # -- 1. inpainting against the exact conditional law --------------------------------------------------
-@pytest.mark.parametrize("key", list(SAMPLER_SETTINGS), ids=lambda k: "-".join(k))
+def settings(*marks):
+    """SAMPLER_SETTINGS' keys as parameters with `marks`; the 64-D cases (80 s in all) are slow."""
+    return [pytest.param(k, id="-".join(k), marks=[*marks, *([pytest.mark.slow] if k[0] == "image64" else [])])
+            for k in SAMPLER_SETTINGS]
+
+
+@pytest.mark.parametrize("key", settings())
 def test_repaint_matches_the_exact_conditional_law(key):
     name, sampler = key
     steps, options, jumps = SAMPLER_SETTINGS[key]
@@ -136,16 +142,16 @@ def test_repaint_matches_the_exact_conditional_law(key):
     assert r < 2.0
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, id="-".join(k), marks=pytest.mark.xfail(
-    strict=True, reason=f"replacement is biased: measured SW2 / floor ~ {REPLACE_MEASURED[k]} (bar 2)"))
-    for k in SAMPLER_SETTINGS])
+@pytest.mark.parametrize("key", [pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.xfail(
+    strict=True, reason=f"replacement is biased: measured SW2 / floor ~ {REPLACE_MEASURED[p.values[0]]} (bar 2)")])
+    for p in settings()])
 def test_replacement_matches_the_exact_conditional_law(key):
     name, sampler = key
     steps, options, _ = SAMPLER_SETTINGS[key]
     assert ratio(name, sampler, steps, "replace", **options) < 2.0
 
 
-@pytest.mark.parametrize("key", list(SAMPLER_SETTINGS), ids=lambda k: "-".join(k))
+@pytest.mark.parametrize("key", settings())
 def test_repaint_is_closer_than_replacement(key):
     name, sampler = key
     steps, options, jumps = SAMPLER_SETTINGS[key]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cli_in_process
 from diffspace.config import ModelConfig
 from diffspace.encoder import LATENT_STD, Encoder, load_encoder
 from diffspace.model import LatentAutoencoder, load_model
@@ -96,18 +97,9 @@ def test_latent_run_trains_samples_and_evaluates_in_pixels(ae_run, tmp_path):
     one_line_error(run("edit", lat, "--input", "held-out", "--mask", "left", "-n", 2), "latent run", "pixel-space")
 
 
-def in_process(capsys, *args):
-    """The command line in this process (`diffspace.cli.main`): (exit code, stderr)."""
-    from diffspace.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
-
-
 def test_latent_errors_are_one_line(ae_run, tmp_path, capsys):
     ae, _ = ae_run
-    run = lambda *args: in_process(capsys, *args)  # noqa: E731  (errors come before any work: no new process needed)
+    run = lambda *args: cli_in_process(capsys, *args)  # noqa: E731  (errors come before any work: no new process needed)
     one_line_error(run("train", "--data", "digits", "--steps", 2, "--out", tmp_path / "a", "--quiet",
                        f"data.encoder={ae}", "data.hflip=true"), "data.hflip", "latent")
     one_line_error(run("train-classifier", "--data", "digits", "--steps", 2, "--out", tmp_path / "b", "--quiet",
