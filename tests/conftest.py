@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 
 import subprocess
+import sys
 
 import torch
 
@@ -36,3 +37,23 @@ def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
     code = main([str(a) for a in args])
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    """`python -m diffspace ARGS` in a new process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "diffspace", *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def ok(r):
+    """r, after checking it exited 0 (else its stderr is the failure)."""
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def one_line_error(r, *words):
+    """r exited 2 with one line on stderr, no traceback, holding every word."""
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])

@@ -3,36 +3,17 @@ components), then sample classes with and without guidance, with a trained class
 guide, and inpaint / edit; every figure measured against the exact mixture (its posterior is the
 label judge) and beside its noise floor."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import cli_in_process
+from conftest import cli_in_process, ok, one_line_error, run
 from diffspace.analytic import ring8
 from diffspace.evaluate import noise_floor, sliced_wasserstein
 
 RING = ["model.hidden=128", "model.depth=3", "train.batch_size=256", "train.lr=2e-3", "log.every=100"]
 FLAGS = ["--data", "ring8", "--preset", "edm", "--quiet"]
-
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "diffspace", *map(str, args)], capture_output=True, text=True, timeout=600)
-
-
-def ok(r):
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def one_line_error(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ scheduler loops (DDIM eta 0 and 1, DDPM); the betas against diffusers' alphas_cu
 run with model.network=diffusers exported and sampled by DDPMPipeline. Skipped where diffusers is
 not installed (CI installs the extra and runs this file on its own)."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import perturb_  # noqa: E402
+from conftest import ok, one_line_error, perturb_, run  # noqa: E402
 from diffspace import diffusers_io  # noqa: E402
 from diffspace.config import ModelConfig, SampleConfig  # noqa: E402
 from diffspace.model import Diffusion, load_model  # noqa: E402
@@ -21,23 +19,6 @@ from diffspace.samplers import SAMPLERS, sampler_nfe  # noqa: E402
 from diffspace.sampling import sample  # noqa: E402
 
 SHAPE = (4, 1, 8, 8)
-
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "diffspace", *map(str, args)], capture_output=True, text=True, timeout=600)
-
-
-def ok(r):
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def one_line_error(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 def random_unet(seed=0, num_class_embeds=None):

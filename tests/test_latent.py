@@ -4,14 +4,12 @@ its reconstructions against the trivial mean-image baseline, the Encoder's scale
 measurement, and one-line errors where a latent run cannot go."""
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import cli_in_process
+from conftest import cli_in_process, ok, one_line_error, run
 from diffspace.config import ModelConfig
 from diffspace.encoder import LATENT_STD, Encoder, load_encoder
 from diffspace.model import LatentAutoencoder, load_model
@@ -19,23 +17,6 @@ from diffspace.train import load_data
 
 AE = ["model.base_channels=8", "model.channel_mult=[1,2]", "model.num_blocks=1", "model.latent_channels=2",
       "train.batch_size=64", "train.lr=3e-3", "log.every=50"]
-
-
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "diffspace", *map(str, args)], capture_output=True, text=True, timeout=600)
-
-
-def ok(r):
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def one_line_error(r, *words):
-    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
 
 
 @pytest.fixture(scope="module")
