@@ -34,7 +34,10 @@ def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
     from diffspace.cli import main
 
     capsys.readouterr()
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's own errors (exit 2) and --help (exit 0)
+        code = e.code
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out.out, out.err)
 

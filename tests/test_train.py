@@ -37,6 +37,7 @@ def _final_tensors(run_dir):
 
 
 # -- the 2-D quality bar ------------------------------------------------------------------------------
+@pytest.mark.slow  # 19 s; the default suite trains the ring through the CLI and measures it (test_control_cli)
 def test_short_training_on_the_ring_reaches_twice_the_noise_floor(tmp_path):
     """Issue 4: a short CPU training on a 2-D mixture gets within 2x the sliced-W2 noise floor."""
     cfg = _config(**{"model.hidden": 128, "model.depth": 3, "data.n": 10_000, "train.steps": 1000,
