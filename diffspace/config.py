@@ -34,10 +34,12 @@ class DataConfig:
 class ModelConfig:
     kind: str = "diffusion"  # "diffusion" (a denoiser), "classifier" (p(y | x~, sigma), for classifier guidance) or "autoencoder" (latent diffusion)
     preset: str = "edm"
+    preset_params: dict = field(default_factory=dict)  # some of the preset's numbers changed, e.g. {sigma_data = 0.75, P_mean = -1.0} (presets.DEFAULT_PARAMS)
     parameterization: str = "precond"  # "precond" (Table 1 as is) or one of PARAMETERIZATIONS
     weighting: str = ""  # "" = the preset's; else a name in losses.WEIGHTINGS (stated in `weighting_space`)
     weighting_space: str = ""  # "" = the preset's (or the weighting's own space)
     noise: str = ""  # "" = the preset's noise distribution; else a name in losses.NOISE_DISTRIBUTIONS ("importance": iDDPM's)
+    uncertainty: bool = False  # EDM2's learned weighting: loss / exp(u(t)) + u(t), u learned per noise level (losses.Uncertainty)
     objective: str = "weighted"  # "weighted" (the weighting above), "vlb" (the true bound) or "hybrid" (+ L_vlb, learned Sigma)
     hybrid_lambda: float = 0.001  # iDDPM's lambda on L_vlb in the hybrid objective
     coupling: str = "independent"  # pairing of noise and data in a batch: "independent" or "ot" (exact minibatch OT, OT-CFM; meant for flow matching)
@@ -45,7 +47,7 @@ class ModelConfig:
     class_conditional: bool = False
     label_dropout: float = 0.1  # classifier-free guidance: probability of training with the null label
     # network: a U-Net for images, an MLP for points
-    network: str = ""  # "" = diffspace's; "diffusers" = diffusers' UNet2DModel with the settings below (optional extra)
+    network: str = ""  # "" = diffspace's; "mp" = EDM2's magnitude-preserving U-Net (nn/mp_unet.py); "diffusers" = diffusers' UNet2DModel with the settings below (optional extra)
     base_channels: int = 64
     channel_mult: list = field(default_factory=lambda: [1, 2])
     num_blocks: int = 2
@@ -62,7 +64,9 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 128
     lr: float = 2e-3
-    lr_min_ratio: float = 1.0  # cosine decay to lr * ratio after warm-up (1.0 = constant)
+    lr_schedule: str = "cosine"  # after warm-up: "cosine" decay to lr * lr_min_ratio, or "inv-sqrt" (EDM2): lr / sqrt(max(step / lr_ref_steps, 1))
+    lr_min_ratio: float = 1.0  # cosine: the final lr over lr (1.0 = constant)
+    lr_ref_steps: int = 1000  # inv-sqrt: the step where the decay starts (EDM2's t_ref, in steps)
     warmup: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm (0: off)
@@ -164,7 +168,7 @@ RANGES = {
     "model.base_channels": (1, 4096), "model.latent_channels": (1, 1024), "model.kl_weight": (0, math.inf), "model.channel_mult": (1, 64), "model.num_blocks": (1, 64),
     "model.attention": (1, 4096), "model.dropout": (0, 1, ")"), "model.hidden": (1, 1 << 16), "model.depth": (1, 256),
     "train.steps": (1, 10**9), "train.batch_size": (1, 1 << 20), "train.lr": (0, math.inf, "("),
-    "train.lr_min_ratio": (0, 1), "train.warmup": (0, 10**9), "train.weight_decay": (0, math.inf),
+    "train.lr_min_ratio": (0, 1), "train.lr_ref_steps": (1, 10**9), "train.warmup": (0, 10**9), "train.weight_decay": (0, math.inf),
     "train.grad_clip": (0, math.inf), "train.ema_decay": (0, 1, ")"), "train.ema_sigma_rel": (0, 0.5, "()"),
     "train.phema": (0, 0.5, "()"), "log.phema_every": (0, 10**9),
     "train.seed": (0, 2**63 - 1),
@@ -201,6 +205,8 @@ def _toml_value(v) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return repr(v)
 
 
@@ -208,14 +214,19 @@ def set_option(cfg: Config, key: str, value) -> None:
     """Set `section.name` to value (strings from the command line are parsed to the field's type).
     In [sample], a name that is not a field is a sampler option, its value parsed as a literal."""
     section, _, name = key.partition(".")
+    name, _, entry = name.partition(".")
     sub = getattr(cfg, section, None) if section in Config.__dataclass_fields__ else None
-    if section == "sample" and name and name not in SampleConfig.__dataclass_fields__:
+    if section == "sample" and name and name not in SampleConfig.__dataclass_fields__ and not entry:
         cfg.sample.options[name] = _literal(value)
         return
-    if sub is None or name not in type(sub).__dataclass_fields__ or (section, name) == ("sample", "options"):
+    if (sub is None or name not in type(sub).__dataclass_fields__ or (section, name) == ("sample", "options")
+            or (entry and not isinstance(getattr(sub, name), dict))):
         allowed = [f"{s}.{f}" for s in Config.__dataclass_fields__ for f in type(getattr(cfg, s)).__dataclass_fields__]
         raise ValueError(f"unknown option {key!r}; allowed: {', '.join(allowed)} (and sample.<sampler option>)")
     current = getattr(sub, name)
+    if isinstance(current, dict) and entry:  # one entry of a table option, e.g. model.preset_params.sigma_data=0.75
+        current[entry] = _literal(value)
+        return
     value = _parse_like(value, current, key)
     check_range(key, value)
     setattr(sub, name, value)

@@ -366,6 +366,36 @@ class ImportanceSampler(torch.nn.Module):
         self.count.copy_(count)
 
 
+class Uncertainty(torch.nn.Module):
+    """A learned log-variance u per noise level that weights the loss as a multi-task uncertainty
+    (Kendall et al. 2018; Karras et al. 2024, EDM2, sec. 5 'Learned weighting' and eq. 21):
+
+        L = E_t [ w(t) ||target - pred||^2 / exp(u(t)) + u(t) ],
+
+    whose minimum over u is u(t) = log E[w(t) ||target - pred||^2 | t]: the loss is rebalanced so
+    that every noise level contributes equally, as the training goes. u is a linear function of fixed
+    random Fourier features of c = -logsnr(t) / 8 (= ln(sigma) / 4, EDM's c_noise, for sigma(t) = t),
+    zero at the start (the plain weighting). Returned per sample, shape (B,)."""
+
+    def __init__(self, features: int = 128, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("freqs", 2 * math.pi * torch.randn(features, generator=g, dtype=torch.float64))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(features, generator=g, dtype=torch.float64))
+        self.linear = torch.nn.Linear(features, 1, bias=False)
+        torch.nn.init.zeros_(self.linear.weight)
+
+    def forward(self, logsnr: Tensor) -> Tensor:
+        c = (-logsnr.double() / 8).clamp(-20, 20)[:, None]  # zero SNR (logsnr = -inf) stays finite
+        features = math.sqrt(2) * torch.cos(c * self.freqs + self.phases)
+        return self.linear(features.to(self.linear.weight.dtype))[:, 0]
+
+    def weigh(self, loss: Tensor, logsnr: Tensor) -> Tensor:
+        """loss / exp(u) + u per sample."""
+        u = self(logsnr).to(loss)
+        return loss * torch.exp(-u) + u
+
+
 NOISE_DISTRIBUTIONS = {
     "discrete-uniform": DiscreteUniform,
     "uniform": Uniform,

@@ -31,7 +31,7 @@ from .schedules import DiscreteVP
 Tensor = torch.Tensor
 
 OBJECTIVES = ("weighted", "vlb", "hybrid")
-NETWORKS = ("", "diffusers")  # "": diffspace's U-Net for images, MLP for points; "diffusers": its UNet2DModel
+NETWORKS = ("", "mp", "diffusers")  # "": diffspace's U-Net for images, MLP for points; "mp": EDM2's magnitude-preserving U-Net; "diffusers": its UNet2DModel
 
 
 class Draw(NamedTuple):
@@ -87,7 +87,7 @@ class Diffusion(torch.nn.Module):
     def __init__(self, F: torch.nn.Module, preset: Preset, parameterization: str = "precond",
                  weighting: str = "", weighting_space: str = "", noise: str = "", objective: str = "weighted",
                  hybrid_lambda: float = 0.001, levels: int = 0, shape: tuple = (), num_classes: int = 0,
-                 coupling: str = "independent", offset_noise: float = 0.0):
+                 coupling: str = "independent", offset_noise: float = 0.0, uncertainty: bool = False):
         super().__init__()
         from .encoder import Encoder
 
@@ -124,6 +124,9 @@ class Diffusion(torch.nn.Module):
             self.noise = losses.ImportanceSampler(self.schedule.T)
         else:
             self.noise = losses.noise_distribution(noise or preset.noise, **(preset.noise_kwargs if not noise else {}))
+        self.uncertainty = losses.Uncertainty() if uncertainty else None  # EDM2's learned weighting u(t)
+        if uncertainty and objective == "vlb":
+            raise ValueError("model.uncertainty=true reweights the weighted loss; objective='vlb' is the bound itself")
         if parameterization == "precond":
             self.denoiser = Denoiser(F, preset.precond)
         else:
@@ -138,8 +141,9 @@ class Diffusion(torch.nn.Module):
         if cfg.class_conditional and not classes:
             raise ValueError("model.class_conditional=true needs labelled data (this data set has no labels)")
         F = build_network(cfg, shape, classes, 2 if cfg.objective == "hybrid" else 1)
-        return cls(F, get_preset(cfg.preset), cfg.parameterization, cfg.weighting, cfg.weighting_space, cfg.noise,
-                   cfg.objective, cfg.hybrid_lambda, levels, shape, classes, cfg.coupling, cfg.offset_noise)
+        return cls(F, get_preset(cfg.preset, cfg.preset_params), cfg.parameterization, cfg.weighting, cfg.weighting_space, cfg.noise,
+                   cfg.objective, cfg.hybrid_lambda, levels, shape, classes, cfg.coupling, cfg.offset_noise,
+                   cfg.uncertainty)
 
     def forward(self, x: Tensor, sigma, labels: Tensor | None = None) -> Tensor:
         """D(x~, sigma, labels) -> x0_hat (the samplers' interface; labels None or num_classes: the null label)."""
@@ -226,6 +230,8 @@ class Diffusion(torch.nn.Module):
         else:
             per_sample = ((pred.float() - goal.float()) ** 2).reshape(x.shape[0], -1).mean(dim=1)
             loss = w.to(per_sample) * per_sample
+            if self.uncertainty is not None:
+                loss = self.uncertainty.weigh(loss, self.schedule.logsnr(t))
             if self.learned_variance:
                 loss = loss + self.hybrid_lambda * self._vlb_term(x, eps, t, x0_hat.detach(), self.head.v)
         return loss if importance is None else loss * importance.to(loss)  # E[loss / (T p_t)] under p = the uniform mean
@@ -255,7 +261,7 @@ def build_network(cfg: ModelConfig, shape: tuple, num_classes: int = 0, out_fact
     "diffusers"), an MLP for (d,) data, with out_factor times the data's channels
     (2 for a learned variance) and a class embedding if num_classes; for the energy
     parameterization, the scalar energy 0.5 ||x - net(x)||^2 built on it (nn.Energy)."""
-    from .nn import MLP, Energy, UNet
+    from .nn import MLP, Energy, MPUNet, UNet
     from .nn.unet import group_count
 
     classes = num_classes or None
@@ -272,10 +278,12 @@ def build_network(cfg: ModelConfig, shape: tuple, num_classes: int = 0, out_fact
                                     base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult),
                                     num_blocks=cfg.num_blocks, attention_resolutions=tuple(cfg.attention),
                                     dropout=cfg.dropout, num_classes=num_classes, groups=group_count(cfg.base_channels))
+    if cfg.network == "mp" and len(shape) != 3:
+        raise ValueError(f"model.network='mp' (EDM2's magnitude-preserving U-Net) needs (C, H, W) images; got data of shape {shape}")
     if len(shape) == 3:
-        net = UNet(shape[0], out, base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult),
-                   num_blocks=cfg.num_blocks, attention_resolutions=tuple(cfg.attention), image_size=shape[1],
-                   dropout=cfg.dropout, num_classes=classes)
+        net = (MPUNet if cfg.network == "mp" else UNet)(
+            shape[0], out, base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
+            attention_resolutions=tuple(cfg.attention), image_size=shape[1], dropout=cfg.dropout, num_classes=classes)
     elif len(shape) == 1:
         net = MLP(shape[0], hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout, num_classes=classes, out_dim=out)
     else:
@@ -312,7 +320,7 @@ class NoisyClassifier(torch.nn.Module):
             F = MLP(shape[0], hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout, out_dim=num_classes)
         else:
             raise ValueError(f"data of per-sample shape {shape} is not supported: need (d,) points or (C, H, W) images")
-        return cls(F, get_preset(cfg.preset), shape, num_classes)
+        return cls(F, get_preset(cfg.preset, cfg.preset_params), shape, num_classes)
 
     @property
     def network(self) -> torch.nn.Module:

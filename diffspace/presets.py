@@ -10,6 +10,7 @@ schedules and precond. `presets_table()` prints them side by side.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
@@ -92,11 +93,10 @@ class Preset:
         return Denoiser(F, self.precond)
 
 
-def _vp() -> Preset:
-    p = dict(beta_d=19.9, beta_min=0.1, eps_s=1e-3, eps_t=1e-5, M=1000)
+def _vp(p: dict) -> Preset:
     vpsde = S.VPSDE(p["beta_d"], p["beta_min"], p["eps_s"], p["eps_t"])
     return Preset(
-        "vp", "Song et al. 2021 (VP SDE); Karras et al. 2022, Table 1", MappingProxyType(p),
+        "vp", "Song et al. 2021 (VP SDE); Karras et al. 2022, Table 1", MappingProxyType(dict(p)),
         solver="euler", time_steps="vp", time_step_params=("eps_s", "beta_d", "beta_min"),
         schedule=vpsde, training_schedule=vpsde, precond=VPPrecond(vpsde, p["M"]), architecture="DDPM++",
         noise="vp", noise_params=("eps_t", "beta_d", "beta_min"),
@@ -117,11 +117,10 @@ def _own_time(schedule: S.Schedule) -> Mapping[str, Mapping]:
     return MappingProxyType({name: MappingProxyType({"schedule": schedule}) for name in ("euler", "heun")})
 
 
-def _ve() -> Preset:
-    p = dict(sigma_min=0.02, sigma_max=100.0)
+def _ve(p: dict) -> Preset:
     sqrt_ve = S.SqrtVE()
     return Preset(
-        "ve", "Song et al. 2021 (VE SDE); Karras et al. 2022, Table 1", MappingProxyType(p),
+        "ve", "Song et al. 2021 (VE SDE); Karras et al. 2022, Table 1", MappingProxyType(dict(p)),
         solver="euler", time_steps="ve", time_step_params=("sigma_min", "sigma_max"),
         schedule=sqrt_ve, training_schedule=S.VE(p["sigma_min"], p["sigma_max"]), precond=VEPrecond(),
         architecture="NCSN++",
@@ -138,11 +137,10 @@ def _ve() -> Preset:
     )
 
 
-def _iddpm() -> Preset:
-    p = dict(C1=0.001, C2=0.008, M=1000, j0=8)
+def _iddpm(p: dict) -> Preset:
     u = S.iddpm_sigmas(p["M"], p["C1"], p["C2"])
     return Preset(
-        "iddpm", "Nichol & Dhariwal 2021 + DDIM (Song et al. 2021); Karras et al. 2022, Table 1", MappingProxyType(p),
+        "iddpm", "Nichol & Dhariwal 2021 + DDIM (Song et al. 2021); Karras et al. 2022, Table 1", MappingProxyType(dict(p)),
         solver="euler", time_steps="iddpm", time_step_params=("M", "j0", "C1", "C2"),
         schedule=S.EDM(sigma_min=float(u[p["M"] - 1]), sigma_max=float(u[0])),
         training_schedule=S.Cosine(p["C2"]).discrete(p["M"], max_beta=1 - p["C1"]),
@@ -160,11 +158,10 @@ def _iddpm() -> Preset:
     )
 
 
-def _edm() -> Preset:
-    p = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0, P_mean=-1.2, P_std=1.2)
+def _edm(p: dict) -> Preset:
     edm = S.EDM(p["sigma_min"], p["sigma_max"], p["sigma_data"], p["rho"])
     return Preset(
-        "edm", "Karras et al. 2022, Table 1 'Ours'", MappingProxyType(p),
+        "edm", "Karras et al. 2022, Table 1 'Ours'", MappingProxyType(dict(p)),
         solver="heun", time_steps="edm", time_step_params=("sigma_min", "sigma_max", "rho"),
         schedule=edm, training_schedule=edm, precond=EDMPrecond(p["sigma_data"]), architecture="any",
         noise="edm", noise_params=("P_mean", "P_std"),
@@ -179,11 +176,10 @@ def _edm() -> Preset:
     )
 
 
-def _ddpm() -> Preset:
-    p = dict(T=1000, beta_start=1e-4, beta_end=0.02)
+def _ddpm(p: dict) -> Preset:
     chain = S.ddpm_linear(p["T"], p["beta_start"], p["beta_end"])
     return Preset(
-        "ddpm", "Ho et al. 2020", MappingProxyType(p),
+        "ddpm", "Ho et al. 2020", MappingProxyType(dict(p)),
         solver="ddpm", time_steps="ddpm", time_step_params=("T",),
         schedule=chain, training_schedule=chain, precond=VPPrecond(chain, p["T"], index=True), architecture="DDPM",
         noise="discrete-uniform", noise_params=(),
@@ -198,10 +194,9 @@ def _ddpm() -> Preset:
     )
 
 
-def _rectified_flow() -> Preset:
-    p = dict(t_min=1e-3, t_max=0.999, m=0.0, s=1.0)
+def _rectified_flow(p: dict) -> Preset:
     return Preset(
-        "rectified-flow", "Liu et al. 2023; logit-normal t: Esser et al. 2024", MappingProxyType(p),
+        "rectified-flow", "Liu et al. 2023; logit-normal t: Esser et al. 2024", MappingProxyType(dict(p)),
         solver="euler", time_steps="flow", time_step_params=("t_min", "t_max"),
         schedule=S.RectifiedFlow(), training_schedule=S.RectifiedFlow(), precond=FlowPrecond(), architecture="any",
         noise="logit-normal", noise_params=("m", "s"),
@@ -216,17 +211,16 @@ def _rectified_flow() -> Preset:
     )
 
 
-def _ztsnr() -> Preset:
+def _ztsnr(p: dict) -> Preset:
     """Lin et al. (2024): DDPM's linear chain rescaled to zero terminal SNR (their Algorithm 1), sampled
     from pure noise at sigma = inf with trailing time steps (their Table 2) and DDIM, v-prediction.
     Weighting: constant on the v error, Lin et al.'s v loss; its x0-space weight 1 + SNR stays 1 at
     SNR 0, where the net must learn x0 = -v = E[x0 | pure noise] for the sampler's first step. (L_simple,
     constant on eps, puts x0-weight SNR = 0 there; min-SNR-v, min(SNR, 5) / (SNR + 1), also 0:
     neither would train that step.)"""
-    p = dict(T=1000, beta_start=1e-4, beta_end=0.02)
     chain = S.rescale_zero_terminal_snr(S.ddpm_linear(p["T"], p["beta_start"], p["beta_end"]))
     return Preset(
-        "ztsnr", "Lin et al. 2024 (zero terminal SNR, v-prediction, trailing DDIM)", MappingProxyType(p),
+        "ztsnr", "Lin et al. 2024 (zero terminal SNR, v-prediction, trailing DDIM)", MappingProxyType(dict(p)),
         solver="ddim", time_steps="ddpm", time_step_params=("T",),
         time_step_options=MappingProxyType({"schedule": chain, "spacing": "trailing"}),
         schedule=chain, training_schedule=chain, precond=VPredPrecond(chain, p["T"], index=True), architecture="any",
@@ -243,16 +237,40 @@ def _ztsnr() -> Preset:
     )
 
 
-PRESETS: Mapping[str, Preset] = MappingProxyType(
-    {p.name: p for p in (_vp(), _ve(), _iddpm(), _edm(), _ddpm(), _rectified_flow(), _ztsnr())}
-)
+# Each column's numbers (Preset.params) as published; get_preset(name, params) changes some of them.
+DEFAULT_PARAMS: Mapping[str, Mapping[str, float]] = MappingProxyType({
+    "vp": MappingProxyType(dict(beta_d=19.9, beta_min=0.1, eps_s=1e-3, eps_t=1e-5, M=1000)),
+    "ve": MappingProxyType(dict(sigma_min=0.02, sigma_max=100.0)),
+    "iddpm": MappingProxyType(dict(C1=0.001, C2=0.008, M=1000, j0=8)),
+    "edm": MappingProxyType(dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0, P_mean=-1.2, P_std=1.2)),
+    "ddpm": MappingProxyType(dict(T=1000, beta_start=1e-4, beta_end=0.02)),
+    "rectified-flow": MappingProxyType(dict(t_min=1e-3, t_max=0.999, m=0.0, s=1.0)),
+    "ztsnr": MappingProxyType(dict(T=1000, beta_start=1e-4, beta_end=0.02)),
+})
+_BUILDERS = {"vp": _vp, "ve": _ve, "iddpm": _iddpm, "edm": _edm, "ddpm": _ddpm, "rectified-flow": _rectified_flow, "ztsnr": _ztsnr}
+PRESETS: Mapping[str, Preset] = MappingProxyType({name: build(DEFAULT_PARAMS[name]) for name, build in _BUILDERS.items()})
 
 
-def get_preset(name: str) -> Preset:
-    """The preset called `name` (one of PRESETS)."""
+def get_preset(name: str, params: Mapping[str, float] | None = None) -> Preset:
+    """The preset called `name` (one of PRESETS), with the numbers in `params` (a subset of its
+    own, e.g. {"sigma_data": 0.75, "P_mean": -1.0} for EDM: model.preset_params) in place of the
+    published ones; ValueError naming a parameter the preset does not have or a value it refuses."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    if not params:
+        return PRESETS[name]
+    defaults = DEFAULT_PARAMS[name]
+    for key, value in params.items():
+        if key not in defaults:
+            raise ValueError(f"preset {name!r} has no parameter {key!r}; allowed: {', '.join(defaults)}")
+        integer = isinstance(defaults[key], int)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (integer and value != int(value)):
+            raise ValueError(f"model.preset_params.{key}={value!r} must be a finite {'integer' if integer else 'number'}")
+    changed = {**defaults, **{k: (int(v) if isinstance(defaults[k], int) else float(v)) for k, v in params.items()}}
+    try:
+        return _BUILDERS[name](changed)
+    except (ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"preset {name!r} with {dict(params)}: {e}") from None
 
 
 ROWS = ("reference", "solver", "time steps", "schedule", "scaling", "architecture",

@@ -78,10 +78,19 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, beta: float) -> Non
         be.copy_(b)
 
 
+LR_SCHEDULES = ("cosine", "inv-sqrt")
+
+
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to lr * lr_min_ratio at `steps`."""
+    """Linear warm-up over `warmup` steps, then cosine decay to lr * lr_min_ratio at `steps`, or
+    EDM2's inverse square root, lr / sqrt(max(step / lr_ref_steps, 1)) (Karras et al. 2024, eq. 18;
+    it does not depend on train.steps: with the power EMA, the checkpoint of step k is the run of k steps)."""
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule={cfg.lr_schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "inv-sqrt":
+        return cfg.lr / math.sqrt(max(step / cfg.lr_ref_steps, 1.0))
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
@@ -222,6 +231,7 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         check_tensorboard()
     if cfg.train.phema and not cfg.log.phema_every:
         raise ValueError(f"train.phema={cfg.train.phema} needs log.phema_every >= 1 (steps between snapshots)")
+    learning_rate(cfg.train, 0)  # a bad train.lr_schedule fails here, before any work
     torch.manual_seed(cfg.train.seed)
 
     data, train_set, test_set = load_data(cfg)

@@ -368,3 +368,32 @@ def test_weighting_defined_in_another_space():
     torch.testing.assert_close(L.weighting("constant", t, sch, space="flow"), (k_eps / k_flow) ** 2)
     with pytest.raises(ValueError, match="unknown parameterization 'velocity'"):
         L.weighting("constant", t, sch, space="flow", defined_in="velocity")
+
+
+# -- EDM2's learned uncertainty weighting -------------------------------------------------------------
+def test_uncertainty_starts_as_the_plain_loss():
+    u = L.Uncertainty()
+    loss, logsnr = torch.rand(7) + 0.1, torch.linspace(-10, 10, 7)
+    assert torch.equal(u.weigh(loss, logsnr), loss)
+    assert torch.isfinite(u(torch.tensor([-math.inf, math.inf]))).all()  # zero SNR and clean data
+
+
+def test_uncertainty_learns_the_log_of_the_mean_loss_per_level():
+    """min_u E[L e^-u + u] is u = log E[L | level] (set the derivative 1 - E[L] e^-u to 0): fitted to
+    losses L = m(lambda) Exp(1) with a known mean m, exp(u) comes back to m within 10 %."""
+    torch.manual_seed(0)
+    u = L.Uncertainty()
+    opt = torch.optim.Adam(u.parameters(), lr=0.03)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 300)
+    mean = lambda lam: torch.exp(0.3 * lam) + 0.5
+    for _ in range(300):
+        lam = torch.rand(1024) * 12 - 6
+        loss = mean(lam) * torch.distributions.Exponential(1.0).sample((1024,))
+        opt.zero_grad()
+        u.weigh(loss, lam).mean().backward()
+        opt.step()
+        decay.step()
+    lam = torch.tensor([-5.0, -2.0, 0.0, 2.0, 5.0])
+    with torch.no_grad():
+        ratio = torch.exp(u(lam)) / mean(lam)
+    assert ((ratio - 1).abs() < 0.1).all(), ratio

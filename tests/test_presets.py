@@ -204,3 +204,49 @@ def test_unknown_name_and_immutability():
         p.params["sigma_data"] = 1.0
     with pytest.raises(ValueError, match="sigma"):
         p.denoiser(lambda inp, cond: inp)(torch.zeros(2, 3, dtype=F64), -1.0)
+
+
+# -- model.preset_params: some of a column's numbers changed ------------------------------------------
+def test_changed_sigma_data_moves_every_part_of_the_edm_column():
+    """sigma_data = 0.75 (about the digits' 0.752): at sigma = sigma_data the preconditioner has
+    c_skip = 1/2, c_out = sigma_data / sqrt(2), c_in = 1 / (sigma_data sqrt(2)) (Karras et al. 2022,
+    eq. 7 by hand), the weighting lambda c_out^2 = 1 (eq. 8), and the published preset stays 0.5."""
+    sd = 0.75
+    p = get_preset("edm", {"sigma_data": sd})
+    c_skip, c_out, c_in, _ = p.precond(torch.tensor([sd], dtype=F64))
+    assert torch.allclose(c_skip, torch.tensor([0.5], dtype=F64))
+    assert torch.allclose(c_out, torch.tensor([sd / 2 ** 0.5], dtype=F64))
+    assert torch.allclose(c_in, torch.tensor([1 / (sd * 2 ** 0.5)], dtype=F64))
+    t = torch.tensor([0.1, sd, 5.0], dtype=F64)
+    lam = losses.weighting(p.weighting, t, p.training_schedule, space="x0", **p.weighting_kwargs)
+    c_out_t = p.precond(t)[1]
+    assert torch.allclose(lam * c_out_t**2, torch.ones(3, dtype=F64))
+    assert p.params["sigma_data"] == sd and p.schedule.sigma_data == sd
+    assert get_preset("edm").params["sigma_data"] == 0.5 and PRESETS["edm"].precond.sigma_data == 0.5
+
+
+def test_changed_noise_levels_are_drawn_from_the_new_log_normal():
+    p = get_preset("edm", {"P_mean": -0.4, "P_std": 0.8})
+    dist = losses.noise_distribution(p.noise, **p.noise_kwargs)
+    log_sigma = torch.log(p.training_schedule.sigma_tilde(dist(40_000, p.training_schedule, torch.Generator().manual_seed(0))))
+    se = 0.8 / 40_000 ** 0.5
+    assert abs(log_sigma.mean().item() + 0.4) < 4 * se and abs(log_sigma.std().item() - 0.8) < 0.01
+
+
+def test_changed_chain_length_gives_a_shorter_ddpm_chain():
+    p = get_preset("ddpm", {"T": 200})
+    assert p.training_schedule.T == 200 and p.params["T"] == 200 and isinstance(p.params["T"], int)
+
+
+@pytest.mark.parametrize("name,params,words", [
+    ("edm", {"sigma_dat": 0.7}, ["'sigma_dat'", "allowed:", "sigma_data"]),
+    ("edm", {"sigma_data": "big"}, ["sigma_data", "finite number"]),
+    ("edm", {"sigma_data": float("nan")}, ["sigma_data", "finite number"]),
+    ("ddpm", {"T": 2.5}, ["T", "integer"]),
+    ("edm", {"sigma_data": -1.0}, ["edm", "sigma_data"]),
+])
+def test_bad_preset_params_are_refused_by_name(name, params, words):
+    with pytest.raises(ValueError) as e:
+        get_preset(name, params)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))

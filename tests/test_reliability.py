@@ -389,3 +389,27 @@ def test_bad_data_is_one_line_before_any_work(tmp_path, capsys, kind):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.preset_params.sigma_dat=0.7", ["'sigma_dat'", "allowed: sigma_min, sigma_max, sigma_data"]),
+    ("model.preset_params.sigma_data=-1", ["edm", "sigma_data"]),
+    ("model.preset_params.P_std=nan", ["P_std", "finite"]),
+    ("model.preset_params.P_std=wide", ["P_std", "finite"]),
+    ("model.preset.sigma_data=1", ["unknown option 'model.preset.sigma_data'"]),
+    ("train.lr_schedule=linear", ["train.lr_schedule='linear'", "cosine, inv-sqrt"]),
+])
+def test_bad_preset_numbers_and_lr_schedule_are_refused_before_any_work(tmp_path, capsys, override, words):
+    assert _train(tmp_path / "r", override) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_preset_params_round_trip_through_toml_and_the_command_line(tmp_path):
+    cfg = load_config(None, ["model.preset_params.sigma_data=0.75", "model.preset_params.P_mean=-1"])
+    assert cfg.model.preset_params == {"sigma_data": 0.75, "P_mean": -1}
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert "preset_params = {sigma_data = 0.75, P_mean = -1}" in path.read_text()
+    assert load_config(path).to_dict() == cfg.to_dict()

@@ -292,6 +292,19 @@ def test_learning_rate_warmup_and_cosine():
     assert learning_rate(cfg, 110) == pytest.approx(0.1)
 
 
+def test_learning_rate_inverse_square_root_does_not_depend_on_the_run_length():
+    """EDM2's decay (Karras et al. 2024, eq. 18): lr until t_ref, lr / 2 at 4 t_ref, lr / 10 at 100 t_ref."""
+    cfg = Config().train
+    cfg.lr, cfg.warmup, cfg.lr_schedule, cfg.lr_ref_steps = 1.0, 10, "inv-sqrt", 100
+    for steps in (200, 10_000):
+        cfg.steps = steps
+        assert learning_rate(cfg, 0) == pytest.approx(0.1) and learning_rate(cfg, 100) == 1.0
+        assert learning_rate(cfg, 400) == pytest.approx(0.5) and learning_rate(cfg, 10_000) == pytest.approx(0.1)
+    cfg.lr_schedule = "linear"
+    with pytest.raises(ValueError, match="train.lr_schedule='linear'; allowed: cosine, inv-sqrt"):
+        learning_rate(cfg, 1)
+
+
 # -- the model: every parameterization through one denoiser --------------------------------------------
 @pytest.mark.parametrize("parameterization", ["precond", "x0", "eps", "score", "v", "flow", "energy"])
 @pytest.mark.parametrize("preset", ["ddpm", "edm", "rectified-flow"])
@@ -566,3 +579,26 @@ def test_a_run_saved_before_data_seed_keeps_splitting_by_train_seed():
     del saved["data"]["seed"]
     assert Config.from_saved(saved).data.seed == 5 and Config.from_dict(saved).data.seed == 0
     assert Config.from_saved(_config(**{"train.seed": 5}).to_dict()).data.seed == 0
+
+
+@pytest.mark.parametrize("parameterization", ["precond", "eps"])
+def test_uncertainty_weighting_is_part_of_the_model_and_trained(parameterization):
+    """model.uncertainty: at the start the loss is the plain weighted loss (u = 0); its u gets a
+    gradient, so the optimizer (over the model's parameters) trains it; the EMA copy carries it."""
+    cfg = Config().model
+    cfg.preset, cfg.parameterization, cfg.hidden, cfg.depth = "edm", parameterization, 32, 2
+    torch.manual_seed(0)
+    plain = Diffusion.from_config(cfg, (2,))
+    cfg.uncertainty = True
+    torch.manual_seed(0)
+    model = Diffusion.from_config(cfg, (2,))
+    x, t = torch.randn(64, 2), torch.rand(64) * 0.9 + 0.05
+    eps = torch.randn(64, 2)
+    assert torch.allclose(model.loss(x, None, t=t, eps=eps), plain.loss(x, None, t=t, eps=eps))
+    model.loss(x, None, t=t, eps=eps).mean().backward()
+    assert model.uncertainty.linear.weight.grad.abs().sum() > 0
+    assert "uncertainty.linear.weight" in dict(model.named_parameters())
+    cfg.objective = "vlb"
+    cfg.preset = "ddpm"
+    with pytest.raises(ValueError, match="uncertainty"):
+        Diffusion.from_config(cfg, (2,))

@@ -12,11 +12,12 @@ from torch import nn
 from .classifier import EncoderClassifier
 from .embeddings import Conditioning, FourierEmbedding, SinusoidalEmbedding, make_embedding
 from .mlp import MLP
+from .mp_unet import MPUNet
 from .unet import UNet, group_count
 
 Tensor = torch.Tensor
 
-__all__ = ["SinusoidalEmbedding", "FourierEmbedding", "Conditioning", "make_embedding", "MLP", "UNet",
+__all__ = ["SinusoidalEmbedding", "FourierEmbedding", "Conditioning", "make_embedding", "MLP", "UNet", "MPUNet",
            "group_count", "EncoderClassifier", "Energy", "count_parameters", "describe"]
 
 
