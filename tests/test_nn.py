@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import perturb_
 
-from diffspace.nn import (MLP, Energy, FourierEmbedding, SinusoidalEmbedding, UNet, count_parameters, describe,
+from diffspace.nn import (MLP, Energy, FourierEmbedding, MPUNet, SinusoidalEmbedding, UNet, count_parameters, describe,
                           group_count)
 
 torch.set_num_threads(2)
@@ -227,13 +227,18 @@ def test_bad_unet_config(kwargs, word):
         UNet(1, **kwargs)
 
 
-def test_bad_inputs():
-    net = UNet(1, base_channels=8, channel_mult=(1, 2), num_blocks=1, image_size=8)
+@pytest.mark.parametrize("Net", [UNet, MPUNet])
+def test_bad_inputs(Net):
+    net = Net(1, base_channels=8, channel_mult=(1, 2), num_blocks=1, image_size=8)
     with pytest.raises(ValueError, match="image_size"):
         net(torch.randn(2, 1, 16, 16), torch.randn(2))
     with pytest.raises(ValueError, match="expects"):
         net(torch.randn(2, 3, 8, 8), torch.randn(2))
     with pytest.raises(ValueError, match="noise_cond"):
         net(torch.randn(2, 1, 8, 8), torch.randn(3))
+    with pytest.raises(ValueError, match="num_classes=None"):
+        net(torch.randn(2, 1, 8, 8), torch.randn(2), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="divisible"):
+        Net(1, base_channels=8, channel_mult=(1, 2))(torch.randn(1, 1, 7, 8), torch.zeros(1))
     with pytest.raises(ValueError, match="depth"):
         MLP(2, depth=-1)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import _positive_int, check_levels
+from .unet import _positive_int, check_input, check_levels
 
 Tensor = torch.Tensor
 
@@ -241,13 +241,7 @@ class MPUNet(nn.Module):
         return mp_silu(mp_sum(emb, self.emb_label(onehot), self.label_balance))
 
     def forward(self, x: Tensor, noise_cond: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x has shape {tuple(x.shape)}; this MPUNet expects (B, {self.in_channels}, H, W)")
-        H, W = x.shape[-2:]
-        if self.image_size is not None and (H, W) != (self.image_size, self.image_size):
-            raise ValueError(f"x is {H}x{W}; this MPUNet was built for image_size={self.image_size}")
-        if H % self.factor or W % self.factor:
-            raise ValueError(f"x is {H}x{W}; H and W must be divisible by {self.factor}")
+        check_input(self, x)
         emb = self.embed(noise_cond, class_labels, x.shape[0])
         h = x.to(self.conv_in.weight.dtype)
         h = self.conv_in(torch.cat([h, torch.ones_like(h[:, :1])], dim=1))  # constant channel (EDM2)

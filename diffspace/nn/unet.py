@@ -153,6 +153,19 @@ def check_levels(channel_mult, attention_resolutions, image_size: int | None, dr
     return channel_mult, attention_resolutions, resolutions
 
 
+def check_input(net: nn.Module, x: Tensor) -> None:
+    """ValueError unless x is (B, net.in_channels, H, W) with H = W = net.image_size (if set) and
+    H, W divisible by net.factor (the total downsampling)."""
+    name = type(net).__name__
+    if x.ndim != 4 or x.shape[1] != net.in_channels:
+        raise ValueError(f"x has shape {tuple(x.shape)}; this {name} expects (B, {net.in_channels}, H, W)")
+    H, W = x.shape[-2:]
+    if net.image_size is not None and (H, W) != (net.image_size, net.image_size):
+        raise ValueError(f"x is {H}x{W}; this {name} was built for image_size={net.image_size}")
+    if H % net.factor or W % net.factor:
+        raise ValueError(f"x is {H}x{W}; H and W must be divisible by {net.factor}")
+
+
 class UNet(nn.Module):
     """Noise-conditional U-Net F(x, noise_cond, class_labels=None) -> (B, out_channels, H, W).
 
@@ -245,13 +258,7 @@ class UNet(nn.Module):
         self.conv_out = zero_(nn.Conv2d(ch, out_channels, 3, padding=1))
 
     def forward(self, x: Tensor, noise_cond: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x has shape {tuple(x.shape)}; this UNet expects (B, {self.in_channels}, H, W)")
-        H, W = x.shape[-2:]
-        if self.image_size is not None and (H, W) != (self.image_size, self.image_size):
-            raise ValueError(f"x is {H}x{W}; this UNet was built for image_size={self.image_size}")
-        if H % self.factor or W % self.factor:
-            raise ValueError(f"x is {H}x{W}; H and W must be divisible by {self.factor}")
+        check_input(self, x)
         emb = self.cond(noise_cond, class_labels, x.shape[0])
         h = self.conv_in(x.to(self.conv_in.weight.dtype))
         skips = [h]
