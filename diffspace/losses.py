@@ -368,7 +368,7 @@ class ImportanceSampler(torch.nn.Module):
 
 class Uncertainty(torch.nn.Module):
     """A learned log-variance u per noise level that weights the loss as a multi-task uncertainty
-    (Kendall et al. 2018; Karras et al. 2024, EDM2, sec. 5 'Learned weighting' and eq. 21):
+    (Kendall et al. 2018, multi-task uncertainty; Karras et al. 2024, EDM2, its config B and appendix):
 
         L = E_t [ w(t) ||target - pred||^2 / exp(u(t)) + u(t) ],
 

@@ -83,7 +83,7 @@ LR_SCHEDULES = ("cosine", "inv-sqrt")
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to lr * lr_min_ratio at `steps`, or
-    EDM2's inverse square root, lr / sqrt(max(step / lr_ref_steps, 1)) (Karras et al. 2024, eq. 18;
+    EDM2's inverse square root, lr / sqrt(max(step / lr_ref_steps, 1)) (Karras et al. 2024;
     it does not depend on train.steps: with the power EMA, the checkpoint of step k is the run of k steps)."""
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"train.lr_schedule={cfg.lr_schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")

@@ -293,7 +293,7 @@ def test_learning_rate_warmup_and_cosine():
 
 
 def test_learning_rate_inverse_square_root_does_not_depend_on_the_run_length():
-    """EDM2's decay (Karras et al. 2024, eq. 18): lr until t_ref, lr / 2 at 4 t_ref, lr / 10 at 100 t_ref."""
+    """EDM2's decay (Karras et al. 2024), computed by hand: lr until t_ref, lr / 2 at 4 t_ref, lr / 10 at 100 t_ref."""
     cfg = Config().train
     cfg.lr, cfg.warmup, cfg.lr_schedule, cfg.lr_ref_steps = 1.0, 10, "inv-sqrt", 100
     for steps in (200, 10_000):

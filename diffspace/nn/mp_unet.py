@@ -1,16 +1,16 @@
 """EDM2's magnitude-preserving U-Net (Karras et al. 2024, 'Analyzing and Improving the Training
 Dynamics of Diffusion Models', config G), written from the paper's equations.
 
-"Magnitude-preserving" (sec. 2-3): each layer maps inputs of unit expected magnitude (RMS 1 per
+"Magnitude-preserving" (EDM2, sec. 2): each layer maps inputs of unit expected magnitude (RMS 1 per
 element) to outputs of unit expected magnitude, and every weight row is kept at unit magnitude in
 training (forced weight normalisation), so activations and weights cannot drift in size and the
 net needs no normalisation layers (no group norm) and no biases. Sums, concatenations and SiLU are
 rescaled (mp_sum, mp_cat, mp_silu), convs divide their weight by its norm and sqrt(fan_in), and
 what should start at zero (output, embedding modulation) has a learned scalar gain initialised to 0.
 
-EDM2 also trains with a learned per-noise-level uncertainty weighting of the loss (sec. 2.1,
-config B) and an inverse-square-root learning-rate decay (sec. 2.3, config E); those belong to the
-losses and the training loop, not to the network, and are not here.
+EDM2 also trains with a learned per-noise-level uncertainty weighting of the loss (its
+config B) and an inverse-square-root learning-rate decay (config E); those belong to the
+losses and the training loop (losses.Uncertainty, train.learning_rate), not to the network.
 
     conv_in(cat(x, 1)) -> enc Blocks per level (a 'down' Block starts each level after the first)
         -> middle: 2 dec Blocks (attention in the first) -> per level num_blocks + 1 dec Blocks,
@@ -32,7 +32,7 @@ Tensor = torch.Tensor
 
 def normalize(x: Tensor, dim=None, eps: float = 1e-4) -> Tensor:
     """x / (eps + ||x|| / sqrt(n)) over `dim` (default: all but dim 0, i.e. per output channel of a
-    weight), n = entries per normalised row: each row gets unit RMS (sec. 2.3; pixel norm, sec. 2.4)."""
+    weight), n = entries per normalised row: each row gets unit RMS (forced weight normalisation; pixel norm)."""
     dim = tuple(range(1, x.ndim)) if dim is None else dim
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     n = x.numel() / norm.numel()
@@ -40,19 +40,19 @@ def normalize(x: Tensor, dim=None, eps: float = 1e-4) -> Tensor:
 
 
 def mp_silu(x: Tensor) -> Tensor:
-    """silu(x) / 0.596: 0.596 is the RMS of silu(z) for z ~ N(0, 1) (sec. 2.5, 'MP-SiLU')."""
+    """silu(x) / 0.596: 0.596 is the RMS of silu(z) for z ~ N(0, 1) (EDM2's 'MP-SiLU')."""
     return F.silu(x) / 0.596
 
 
 def mp_sum(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
     """((1 - t) a + t b) / sqrt((1 - t)^2 + t^2): an interpolation of two independent unit-magnitude
-    signals that stays at unit magnitude (sec. 2.5, 'MP-Sum'); t is the weight of b."""
+    signals that stays at unit magnitude (EDM2's 'MP-Sum'); t is the weight of b."""
     return ((1 - t) * a + t * b) / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
 def mp_cat(a: Tensor, b: Tensor, dim: int = 1, t: float = 0.5) -> Tensor:
     """cat(w_a a, w_b b) along dim with C = sqrt((N_a + N_b) / ((1 - t)^2 + t^2)),
-    w_a = C (1 - t) / sqrt(N_a), w_b = C t / sqrt(N_b) (sec. 2.5, 'MP-Cat'): unit magnitude, with a
+    w_a = C (1 - t) / sqrt(N_a), w_b = C t / sqrt(N_b) (EDM2's 'MP-Cat'): unit magnitude, with a
     and b weighted (1 - t) : t as in mp_sum whatever their channel counts N_a, N_b."""
     Na, Nb = a.shape[dim], b.shape[dim]
     C = math.sqrt((Na + Nb) / ((1 - t) ** 2 + t ** 2))
@@ -68,7 +68,7 @@ def resample(x: Tensor, mode: str) -> Tensor:
 
 class MPFourier(nn.Module):
     """sqrt(2) cos(2 pi (f x + phi)), f ~ N(0, bandwidth^2) and phi ~ U[0, 1) drawn once and kept as
-    buffers (sec. 2.5, 'MP-Fourier'): a random phase makes each feature's RMS exactly 1."""
+    buffers (EDM2's 'MP-Fourier'): a random phase makes each feature's RMS exactly 1."""
 
     def __init__(self, channels: int, bandwidth: float = 1.0):
         super().__init__()
@@ -83,7 +83,7 @@ class MPFourier(nn.Module):
 
 class MPConv(nn.Module):
     """Magnitude-preserving convolution (kernel (k, k) or int k) or linear layer (kernel ()), no bias
-    (sec. 2.2, and 2.3 'forced weight normalization'): in training the stored weight is first
+    (EDM2's 'forced weight normalization'): in training the stored weight is first
     projected back to unit-RMS rows, w <- normalize(w), then the layer uses
     w_hat = gain normalize(w) / sqrt(fan_in), so unit-variance white input gives unit-variance output."""
 
@@ -157,7 +157,7 @@ class MPUNet(nn.Module):
     drop-in for diffspace.nn.UNet (same arguments where they overlap, same forward).
 
     Level l has base_channels * channel_mult[l] channels at image_size / 2^l; self-attention in the
-    Blocks at attention_resolutions and in the first middle Block. Conditioning (sec. 2.5):
+    Blocks at attention_resolutions and in the first middle Block. Conditioning:
     emb = mp_silu(mp_sum(MPConv(MPFourier(noise_cond)), MPConv(sqrt(N) onehot(label)), label_balance))
     with 4 * base_channels channels; label num_classes (the null label, also class_labels=None) is
     the all-zero vector. Skips join by mp_cat(h, skip, concat_balance). out_gain starts at 0, so a
