@@ -63,6 +63,7 @@ RECIPES = {  # name: (overrides, samplers tried at each NFE)
     "edm": (EDM, EDM_SAMPLERS),  # the demo's recipe before issue 16
     "edm-sd": ({**EDM, "model.preset_params": {"sigma_data": 0.75}}, EDM_SAMPLERS),  # the digits' own sigma_data (0.752)
     "edm-u": ({**EDM, "model.uncertainty": True}, EDM_SAMPLERS),  # EDM2's learned weighting
+    "edm-ua": ({**EDM, "model.uncertainty": True, "model.augment": 0.15}, EDM_SAMPLERS),  # + non-leaking augmentation
     "edm-ud": ({**EDM, "model.uncertainty": True, "model.dropout": 0.1}, EDM_SAMPLERS),  # + dropout (DDPM's CIFAR-10 value)
     "edm-mp": ({**EDM, "model.network": "mp", "train.lr": 1e-2}, EDM_SAMPLERS),  # EDM2's magnitude-preserving U-Net
     "edm-pmean": ({**EDM, "model.preset_params": {"P_mean": -0.6}}, EDM_SAMPLERS),  # fewer high noise levels

@@ -46,6 +46,7 @@ class ModelConfig:
     offset_noise: float = 0.0  # s of offset noise (Guttenberg 2023): eps + s n, n ~ N(0, 1) per sample and channel (0: off)
     class_conditional: bool = False
     label_dropout: float = 0.1  # classifier-free guidance: probability of training with the null label
+    augment: float = 0.0  # non-leaking augmentation (EDM): probability of each of augment.py's transforms per image and step, the network told which (0: off)
     # network: a U-Net for images, an MLP for points
     network: str = ""  # "" = diffspace's; "mp" = EDM2's magnitude-preserving U-Net (nn/mp_unet.py); "diffusers" = diffusers' UNet2DModel with the settings below (optional extra)
     base_channels: int = 64
@@ -164,7 +165,7 @@ MAX_NFE = 10_000  # network evaluations per sample (5x score_sde's PC budget): m
 # TOML files, overrides and compare specs are all checked when they are read, before any work.
 RANGES = {
     "data.size": (0, 4096), "data.channels": (0, 3), "data.n": (0, 10**8), "data.test_fraction": (0, 1, ")"), "data.seed": (0, 2**63 - 1),
-    "model.hybrid_lambda": (0, math.inf), "model.offset_noise": (0, math.inf), "model.label_dropout": (0, 1, ")"),
+    "model.hybrid_lambda": (0, math.inf), "model.offset_noise": (0, math.inf), "model.label_dropout": (0, 1, ")"), "model.augment": (0, 1),
     "model.base_channels": (1, 4096), "model.latent_channels": (1, 1024), "model.kl_weight": (0, math.inf), "model.channel_mult": (1, 64), "model.num_blocks": (1, 64),
     "model.attention": (1, 4096), "model.dropout": (0, 1, ")"), "model.hidden": (1, 1 << 16), "model.depth": (1, 256),
     "train.steps": (1, 10**9), "train.batch_size": (1, 1 << 20), "train.lr": (0, math.inf, "("),

@@ -145,9 +145,10 @@ class Diffusion(torch.nn.Module):
                    cfg.objective, cfg.hybrid_lambda, levels, shape, classes, cfg.coupling, cfg.offset_noise,
                    cfg.uncertainty)
 
-    def forward(self, x: Tensor, sigma, labels: Tensor | None = None) -> Tensor:
-        """D(x~, sigma, labels) -> x0_hat (the samplers' interface; labels None or num_classes: the null label)."""
-        return self.denoiser(x, sigma, labels)
+    def forward(self, x: Tensor, sigma, labels: Tensor | None = None, augment_labels: Tensor | None = None) -> Tensor:
+        """D(x~, sigma, labels) -> x0_hat (the samplers' interface; labels None or num_classes: the null label).
+        augment_labels: training on augmented images (augment.py); None, no augmentation, is how samples are drawn."""
+        return self.denoiser(x, sigma, labels, **_augmented(augment_labels))
 
     def energy(self, x: Tensor, sigma, labels: Tensor | None = None) -> Tensor:
         """E(x~, sigma, labels) of an energy model (parameterization 'energy'), shape (B,): -log p(x~)
@@ -203,10 +204,11 @@ class Diffusion(torch.nn.Module):
             self.noise.update(t, loss.detach())
 
     def loss(self, x: Tensor, labels: Tensor | None, generator: torch.Generator | None = None, t: Tensor | None = None,
-             eps: Tensor | None = None) -> Tensor:
+             eps: Tensor | None = None, augment_labels: Tensor | None = None) -> Tensor:
         """Per-sample loss of Algorithm 1 (shape (B,)) at the given t (B,) and eps (e.g. to measure
         the loss per level); without t, at a `draw` from the generator (importance-weighted for the
-        importance sampler, so its mean stays unbiased; the loop draws for itself, see train.py)."""
+        importance sampler, so its mean stays unbiased; the loop draws for itself, see train.py).
+        x augmented by augment.augment comes with its augment_labels, which the network is told."""
         importance = None
         if t is None:
             t, eps, importance = self.draw(x, generator, eps)
@@ -216,12 +218,12 @@ class Diffusion(torch.nn.Module):
             sigma = self.schedule.sigma_tilde(t)
             s = broadcast(sigma, x)
             noisy = torch.where(torch.isinf(s), eps, x + s * eps)  # x~, or eps at SNR 0 (samplers' convention)
-            pred = self(noisy, sigma.to(x.dtype), labels)
+            pred = self(noisy, sigma.to(x.dtype), labels, augment_labels)
             goal, w, x0_hat = x, self._weight(t, "x0"), pred
         else:  # the (z_t, t) form, loss in the parameterization's own space
             alpha, sig = self.schedule.alpha(t), self.schedule.sigma(t)
             z = broadcast(alpha, x).to(x.dtype) * x + broadcast(sig, x).to(x.dtype) * eps
-            pred = self.denoiser.predict(z, t, labels)
+            pred = self.denoiser.predict(z, t, labels, **_augmented(augment_labels))
             goal = target(self.parameterization, x, eps, t.to(x.dtype), self.schedule)
             w = self._weight(t, self.parameterization)
             x0_hat = to_x0(pred, self.parameterization, z, t.to(x.dtype), self.schedule) if self.objective != "weighted" else None
@@ -256,11 +258,18 @@ class Diffusion(torch.nn.Module):
         return (chain.T * nats / (x[0].numel() * math.log(2))).to(x.dtype)
 
 
+def _augmented(augment_labels: Tensor | None) -> dict:
+    """The network's keyword for augmentation labels, only when there are some (networks built
+    without augmentation do not take the keyword)."""
+    return {} if augment_labels is None else {"augment_labels": augment_labels}
+
+
 def build_network(cfg: ModelConfig, shape: tuple, num_classes: int = 0, out_factor: int = 1) -> torch.nn.Module:
     """A U-Net for (C, H, W) data (diffspace's, or diffusers' UNet2DModel with model.network =
     "diffusers"), an MLP for (d,) data, with out_factor times the data's channels
     (2 for a learned variance) and a class embedding if num_classes; for the energy
     parameterization, the scalar energy 0.5 ||x - net(x)||^2 built on it (nn.Energy)."""
+    from .augment import AUGMENT_DIM
     from .nn import MLP, Energy, MPUNet, UNet
     from .nn.unet import group_count
 
@@ -280,10 +289,15 @@ def build_network(cfg: ModelConfig, shape: tuple, num_classes: int = 0, out_fact
                                     dropout=cfg.dropout, num_classes=num_classes, groups=group_count(cfg.base_channels))
     if cfg.network == "mp" and len(shape) != 3:
         raise ValueError(f"model.network='mp' (EDM2's magnitude-preserving U-Net) needs (C, H, W) images; got data of shape {shape}")
+    if cfg.augment and (len(shape) != 3 or cfg.network):
+        raise ValueError(f"model.augment={cfg.augment} (non-leaking augmentation) needs images and diffspace's U-Net "
+                         f"(model.network=''); got data of shape {shape}, model.network={cfg.network!r}")
     if len(shape) == 3:
+        augment = {"augment_dim": AUGMENT_DIM} if cfg.augment else {}
         net = (MPUNet if cfg.network == "mp" else UNet)(
             shape[0], out, base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
-            attention_resolutions=tuple(cfg.attention), image_size=shape[1], dropout=cfg.dropout, num_classes=classes)
+            attention_resolutions=tuple(cfg.attention), image_size=shape[1], dropout=cfg.dropout, num_classes=classes,
+            **augment)
     elif len(shape) == 1:
         net = MLP(shape[0], hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout, num_classes=classes, out_dim=out)
     else:

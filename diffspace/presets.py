@@ -267,8 +267,12 @@ def get_preset(name: str, params: Mapping[str, float] | None = None) -> Preset:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (integer and value != int(value)):
             raise ValueError(f"model.preset_params.{key}={value!r} must be a finite {'integer' if integer else 'number'}")
     changed = {**defaults, **{k: (int(v) if isinstance(defaults[k], int) else float(v)) for k, v in params.items()}}
+    from .losses import noise_distribution
+
     try:
-        return _BUILDERS[name](changed)
+        preset = _BUILDERS[name](changed)
+        noise_distribution(preset.noise, **preset.noise_kwargs)  # its numbers are checked here too (P_std > 0, ...)
+        return preset
     except (ValueError, ZeroDivisionError) as e:
         raise ValueError(f"preset {name!r} with {dict(params)}: {e}") from None
 

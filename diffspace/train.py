@@ -200,6 +200,7 @@ def train(cfg: Config | None, run_dir: Path, *, resume: bool = False, steps: int
 def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bool, steps: int | None,
            stop_at: int | None, progress: bool) -> dict:
     from . import plots
+    from .augment import augment
     from .data import batch_indices, random_hflip
 
     main = distributed.is_main()
@@ -242,6 +243,9 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(f"the training set of {cfg.data.spec!r} has {len(train_set)} samples, "
                          f"fewer than train.batch_size={cfg.train.batch_size}")
+    if cfg.model.augment and cfg.model.kind != "diffusion":
+        raise ValueError(f"model.augment={cfg.model.augment} conditions a denoiser on its augmentation; "
+                         f"model.kind={cfg.model.kind!r} has none (use model.augment=0)")
     if cfg.data.encoder and cfg.model.kind != "diffusion":
         raise ValueError(f"data.encoder={cfg.data.encoder!r} is for diffusion models; model.kind={cfg.model.kind!r} trains on pixels")
     encoder = load_encoder(cfg.data.encoder, device)  # pixels: the identity
@@ -324,6 +328,9 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
             x = x_all[idx]  # the global batch, and its noise below, on every rank; this rank's rows: mine
             if cfg.data.hflip:
                 x = random_hflip(x, noise_gen)
+            augment_labels = None
+            if cfg.model.augment:  # non-leaking: the network is told each image's transforms
+                x, augment_labels = augment(x, cfg.model.augment, noise_gen)
             labels = None
             if not denoising and y_all is not None:  # a classifier learns the labels themselves
                 labels = y_all[idx]
@@ -335,7 +342,8 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
                 g["lr"] = learning_rate(cfg.train, step)
             draw = model.draw(x, noise_gen, eps=None if eps_all is None else eps_all[idx])  # eps_all: reflow's pairs
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-                per_sample = step_loss(x[mine], None if labels is None else labels[mine], draw.rows(mine))
+                per_sample = step_loss(x[mine], None if labels is None else labels[mine], draw.rows(mine),
+                                       None if augment_labels is None else augment_labels[mine])
             weighted = per_sample if draw.importance is None else per_sample * draw.importance[mine].to(per_sample)
             opt.zero_grad(set_to_none=True)
             weighted.mean().backward()  # under DDP the ranks' gradients are averaged: the global batch's mean
@@ -479,8 +487,10 @@ class LossOf(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor, labels: Tensor | None, draw) -> Tensor:
-        return self.model.loss(x, labels, t=draw.t, eps=draw.eps)
+    def forward(self, x: Tensor, labels: Tensor | None, draw, augment_labels: Tensor | None = None) -> Tensor:
+        if augment_labels is None:  # the classifier's and autoencoder's losses take no augmentation
+            return self.model.loss(x, labels, t=draw.t, eps=draw.eps)
+        return self.model.loss(x, labels, t=draw.t, eps=draw.eps, augment_labels=augment_labels)
 
 
 def _write_report(run_dir: Path, cfg: Config, data, ema, seconds: float, test_set) -> None:

@@ -244,6 +244,7 @@ def test_changed_chain_length_gives_a_shorter_ddpm_chain():
     ("edm", {"sigma_data": float("nan")}, ["sigma_data", "finite number"]),
     ("ddpm", {"T": 2.5}, ["T", "integer"]),
     ("edm", {"sigma_data": -1.0}, ["edm", "sigma_data"]),
+    ("edm", {"P_std": 0}, ["preset 'edm' with {'P_std': 0}", "P_std=0.0 must be > 0"]),  # the noise distribution's own check
 ])
 def test_bad_preset_params_are_refused_by_name(name, params, words):
     with pytest.raises(ValueError) as e:

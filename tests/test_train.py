@@ -63,7 +63,10 @@ def test_short_training_on_the_ring_reaches_twice_the_noise_floor(tmp_path):
      "model.class_conditional": True, "model.label_dropout": 0.5, "model.dropout": 0.1, "train.batch_size": 16},
     {"model.preset": "ddpm", "model.parameterization": "eps", "model.objective": "vlb", "model.noise": "importance"},
     {"train.phema": [0.05, 0.1], "log.phema_every": 4},
-], ids=["mlp-power-ema", "ddpm-eps-cosine-lr-fixed-ema", "unet-class-dropout", "vlb-importance-sampled-t", "phema-trackers"])
+    {"data.spec": "digits", "data.n": 300, "model.base_channels": 8, "model.channel_mult": [1], "model.num_blocks": 1,
+     "model.augment": 0.5, "model.uncertainty": True, "train.batch_size": 16},
+], ids=["mlp-power-ema", "ddpm-eps-cosine-lr-fixed-ema", "unet-class-dropout", "vlb-importance-sampled-t", "phema-trackers",
+        "unet-augmented-uncertainty"])
 def test_resume_is_bit_identical(tmp_path, options):
     """N steps, stop, resume, N steps == 2N uninterrupted: model, EMA, optimizer and RNG states."""
     straight = tmp_path / "straight"

@@ -56,8 +56,8 @@ class Energy(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: Tensor, noise_cond: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        out = self.net(x, noise_cond, class_labels)
+    def forward(self, x: Tensor, noise_cond: Tensor, class_labels: Tensor | None = None, **kwargs) -> Tensor:
+        out = self.net(x, noise_cond, class_labels, **kwargs)
         if out.shape != x.shape:
             raise ValueError(f"Energy needs net(x) shaped like x {tuple(x.shape)}; got {tuple(out.shape)}")
         return 0.5 * (x - out).pow(2).flatten(1).sum(dim=1)

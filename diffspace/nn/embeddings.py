@@ -104,10 +104,14 @@ class Conditioning(nn.Module):
     as in Ho et al. (2020) and Dhariwal & Nichol (2021, class embedding added to the time
     embedding). With num_classes given, the label table has num_classes + 1 rows: index num_classes
     is the 'null' label of classifier-free guidance (Ho & Salimans 2022), and class_labels=None
-    means the null label for every sample. The blocks apply SiLU + their own projection.
+    means the null label for every sample. With augment_dim, the labels of non-leaking augmentation
+    (augment.py) are added through Linear(augment_dim, out_dim) without bias, as EDM's map_augment
+    (Karras et al. 2022, Appendix F.2): augment_labels=None, the labels of no augmentation (zeros),
+    adds nothing. The blocks apply SiLU + their own projection.
     """
 
-    def __init__(self, emb_dim: int, out_dim: int, embedding: str = "sinusoidal", num_classes: int | None = None):
+    def __init__(self, emb_dim: int, out_dim: int, embedding: str = "sinusoidal", num_classes: int | None = None,
+                 augment_dim: int = 0):
         super().__init__()
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes={num_classes!r} must be a positive integer or None")
@@ -115,14 +119,23 @@ class Conditioning(nn.Module):
         self.embed = make_embedding(embedding, emb_dim)
         self.mlp = nn.Sequential(nn.Linear(emb_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
         self.label_emb = nn.Embedding(num_classes + 1, out_dim) if num_classes else None
+        self.augment_emb = nn.Linear(augment_dim, out_dim, bias=False) if augment_dim else None
 
-    def forward(self, noise_cond: Tensor, class_labels: Tensor | None, batch: int) -> Tensor:
+    def forward(self, noise_cond: Tensor, class_labels: Tensor | None, batch: int,
+                augment_labels: Tensor | None = None) -> Tensor:
         c = torch.as_tensor(noise_cond, device=self.mlp[0].weight.device)
         if c.numel() == 1 and c.ndim <= 1:
             c = c.reshape(1).expand(batch)
         if c.shape != (batch,):
             raise ValueError(f"noise_cond has shape {tuple(c.shape)}; expected ({batch},) or a scalar")
         emb = self.mlp(self.embed(c).to(self.mlp[0].weight.dtype))
+        if augment_labels is not None:
+            if self.augment_emb is None:
+                raise ValueError("augment_labels given to a network built without augment_dim")
+            if augment_labels.shape != (batch, self.augment_emb.in_features):
+                raise ValueError(f"augment_labels has shape {tuple(augment_labels.shape)}; "
+                                 f"expected ({batch}, {self.augment_emb.in_features})")
+            emb = emb + self.augment_emb(augment_labels.to(emb.dtype))
         if self.label_emb is None:
             if class_labels is not None:
                 raise ValueError("class_labels given to a network built with num_classes=None")

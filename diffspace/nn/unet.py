@@ -167,7 +167,7 @@ def check_input(net: nn.Module, x: Tensor) -> None:
 
 
 class UNet(nn.Module):
-    """Noise-conditional U-Net F(x, noise_cond, class_labels=None) -> (B, out_channels, H, W).
+    """Noise-conditional U-Net F(x, noise_cond, class_labels=None, augment_labels=None) -> (B, out_channels, H, W).
 
     Level l (l = 0 .. len(channel_mult) - 1) works at resolution image_size / 2^l with
     base_channels * channel_mult[l] channels and num_blocks ResBlocks (num_blocks + 1 on the way up,
@@ -175,7 +175,8 @@ class UNet(nn.Module):
     resolutions in attention_resolutions, and sits in the middle block if mid_attention.
     Heads: head_channels channels each if given, else num_heads heads.
     The conditioning vector has base_channels * emb_mult channels; with num_classes, label
-    num_classes is the null label and class_labels=None means null for all samples.
+    num_classes is the null label and class_labels=None means null for all samples; with
+    augment_dim, the labels of non-leaking augmentation enter it too (embeddings.Conditioning).
     The output conv and the last conv of every ResBlock start at zero (ADM), so a fresh
     network returns exactly 0. image_size=None builds a net for any H, W divisible by
     2^(levels-1), without attention outside the middle block.
@@ -185,7 +186,7 @@ class UNet(nn.Module):
                  channel_mult: tuple = (1, 2, 2), num_blocks: int = 2, attention_resolutions: tuple = (),
                  image_size: int | None = None, dropout: float = 0.0, num_classes: int | None = None,
                  num_heads: int = 4, head_channels: int | None = None, embedding: str = "sinusoidal",
-                 emb_mult: int = 4, mid_attention: bool = True, conv_resample: bool = True):
+                 emb_mult: int = 4, mid_attention: bool = True, conv_resample: bool = True, augment_dim: int = 0):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -213,10 +214,10 @@ class UNet(nn.Module):
                            attention_resolutions=attention_resolutions, image_size=image_size, dropout=dropout,
                            num_classes=num_classes, num_heads=num_heads, head_channels=head_channels,
                            embedding=embedding, emb_mult=emb_mult, mid_attention=mid_attention,
-                           conv_resample=conv_resample)
+                           conv_resample=conv_resample, augment_dim=augment_dim)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         emb_ch = base_channels * emb_mult
-        self.cond = Conditioning(2 * ((base_channels + 1) // 2), emb_ch, embedding, num_classes)
+        self.cond = Conditioning(2 * ((base_channels + 1) // 2), emb_ch, embedding, num_classes, augment_dim)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         # encoder: remember the channels of every output that becomes a skip connection
@@ -257,9 +258,10 @@ class UNet(nn.Module):
         self.norm_out = norm(ch)
         self.conv_out = zero_(nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def forward(self, x: Tensor, noise_cond: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, noise_cond: Tensor, class_labels: Tensor | None = None,
+                augment_labels: Tensor | None = None) -> Tensor:
         check_input(self, x)
-        emb = self.cond(noise_cond, class_labels, x.shape[0])
+        emb = self.cond(noise_cond, class_labels, x.shape[0], augment_labels)
         h = self.conv_in(x.to(self.conv_in.weight.dtype))
         skips = [h]
         for step in self.down:
