@@ -8,7 +8,8 @@ training images and (about) equal parameters, judged in the digits feature net.
     python benchmarks/time_to_quality.py --lean RUN...      # the share of samples nearest a held-out digit
 
 Each recipe is a set of config overrides (RECIPES below) trained by `diffspace train`'s loop on
-scikit-learn's 8x8 digits with batch 128, constant learning rate after 100 warm-up steps and power
+scikit-learn's 8x8 digits with batch 128 (a recipe may set a batch that divides 128: the budgets
+count images, 128 per step of a budget, so it takes more steps), constant learning rate after 100 warm-up steps and power
 EMAs of sigma_rel 0.05, 0.10 and 0.20 (the run's EMA and two train.phema trackers): all are
 independent of the run's length, so the run is paused at each budget (train(stop_at=...)), measured,
 and resumed exactly; the checkpoint of step k is the run of k steps. The peer, "diffusers", is
@@ -54,6 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's diffspace, installed or not
 
+BATCH = 128  # the budgets are steps of this batch: images = BATCH x budget, whatever a recipe's own batch
 COMMON = {"data.spec": "digits", "model.base_channels": 24, "model.channel_mult": [1, 2], "model.num_blocks": 1,
           "train.batch_size": 128, "train.warmup": 100, "train.phema": [0.05, 0.2], "log.every": 100, "log.keep": 1}
 EDM = {"model.preset": "edm", "train.lr": 2e-3}
@@ -64,6 +66,7 @@ RECIPES = {  # name: (overrides, samplers tried at each NFE)
     "edm-sd": ({**EDM, "model.preset_params": {"sigma_data": 0.75}}, EDM_SAMPLERS),  # the digits' own sigma_data (0.752)
     "edm-u": ({**EDM, "model.uncertainty": True}, EDM_SAMPLERS),  # EDM2's learned weighting
     "edm-ua": ({**EDM, "model.uncertainty": True, "model.augment": 0.15}, EDM_SAMPLERS),  # + non-leaking augmentation
+    "edm-u64": ({**EDM, "model.uncertainty": True, "train.batch_size": 64}, EDM_SAMPLERS),  # twice the steps of half the batch
     "edm-ud": ({**EDM, "model.uncertainty": True, "model.dropout": 0.1}, EDM_SAMPLERS),  # + dropout (DDPM's CIFAR-10 value)
     "edm-mp": ({**EDM, "model.network": "mp", "train.lr": 1e-2}, EDM_SAMPLERS),  # EDM2's magnitude-preserving U-Net
     "edm-pmean": ({**EDM, "model.preset_params": {"P_mean": -0.6}}, EDM_SAMPLERS),  # fewer high noise levels
@@ -178,7 +181,7 @@ def spread(values) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default="diffusers@1.5e-3,edm-u")
-    ap.add_argument("--budgets", default="900,1800,3600", help="steps (of batch 128) at which to measure")
+    ap.add_argument("--budgets", default="900,1800,3600", help="steps of batch 128 (128 images each) at which to measure")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--n", type=int, default=898)
     ap.add_argument("--sets", type=int, default=8, help="sample sets (and real halvings) of the paired excess")
@@ -235,18 +238,22 @@ def run_all(args, out: Path) -> None:
             run_dir, spent, result = out / f"{label}-seed{seed}", 0.0, {}
             if run_dir.exists():
                 raise SystemExit(f"{run_dir} exists: remove it or pass another --out")
-            cfg = config(overrides, budgets[-1], seed)
+            batch = overrides["train.batch_size"]
+            if BATCH % batch:
+                raise SystemExit(f"{label}: train.batch_size={batch} must divide {BATCH} (the budgets are steps of {BATCH})")
+            steps = lambda budget: budget * BATCH // batch  # equal images: a smaller batch takes more steps
+            cfg = config(overrides, steps(budgets[-1]), seed)
             for k, budget in enumerate(budgets):  # paused at each budget, measured, resumed exactly
                 t0 = time.time()
-                summary = train(cfg if k == 0 else None, run_dir, resume=k > 0, stop_at=budget, progress=False)
+                summary = train(cfg if k == 0 else None, run_dir, resume=k > 0, stop_at=steps(budget), progress=False)
                 spent += time.time() - t0
                 r = result[budget] = {"seconds": spent, **measure(emas(summary, run_dir), n, samplers, real, net, halves, data.x, floor_of)}
-                print(f"{label} seed {seed} {budget} steps ({spent:.0f} s), EMA {r['ema']}: " + ", ".join(
+                print(f"{label} seed {seed} {budget * BATCH:,} images ({spent:.0f} s), EMA {r['ema']}: " + ", ".join(
                     f"{nfe}: {r[str(nfe)][0]:.2f} {r[str(nfe)][1]}@{r[str(nfe)][2]}" for nfe in NFES)
                     + f"; paired excess {r['excess']:.2f} +- {r['excess_se']:.2f}, against all {r['excess_all']:.2f}", flush=True)
             params = sum(p.numel() for p in summary["model"].network.parameters())
             (out / f"{label}-seed{seed}.json").write_text(json.dumps(
-                {"label": label, "seed": seed, "params": params, "floor": floor, "floors": floors, "c": c, "n": n, "judge": args.judge, "batch": cfg.train.batch_size,
+                {"label": label, "seed": seed, "params": params, "floor": floor, "floors": floors, "c": c, "n": n, "judge": args.judge, "batch": BATCH,
                  "threads": torch.get_num_threads(), "budgets": result}))
 
 
