@@ -148,7 +148,7 @@ class Diffusion(torch.nn.Module):
     def forward(self, x: Tensor, sigma, labels: Tensor | None = None, augment_labels: Tensor | None = None) -> Tensor:
         """D(x~, sigma, labels) -> x0_hat (the samplers' interface; labels None or num_classes: the null label).
         augment_labels: training on augmented images (augment.py); None, no augmentation, is how samples are drawn."""
-        return self.denoiser(x, sigma, labels, **_augmented(augment_labels))
+        return self.denoiser(x, sigma, labels, **augment_kwargs(augment_labels))
 
     def energy(self, x: Tensor, sigma, labels: Tensor | None = None) -> Tensor:
         """E(x~, sigma, labels) of an energy model (parameterization 'energy'), shape (B,): -log p(x~)
@@ -223,7 +223,7 @@ class Diffusion(torch.nn.Module):
         else:  # the (z_t, t) form, loss in the parameterization's own space
             alpha, sig = self.schedule.alpha(t), self.schedule.sigma(t)
             z = broadcast(alpha, x).to(x.dtype) * x + broadcast(sig, x).to(x.dtype) * eps
-            pred = self.denoiser.predict(z, t, labels, **_augmented(augment_labels))
+            pred = self.denoiser.predict(z, t, labels, **augment_kwargs(augment_labels))
             goal = target(self.parameterization, x, eps, t.to(x.dtype), self.schedule)
             w = self._weight(t, self.parameterization)
             x0_hat = to_x0(pred, self.parameterization, z, t.to(x.dtype), self.schedule) if self.objective != "weighted" else None
@@ -258,9 +258,9 @@ class Diffusion(torch.nn.Module):
         return (chain.T * nats / (x[0].numel() * math.log(2))).to(x.dtype)
 
 
-def _augmented(augment_labels: Tensor | None) -> dict:
-    """The network's keyword for augmentation labels, only when there are some (networks built
-    without augmentation do not take the keyword)."""
+def augment_kwargs(augment_labels: Tensor | None) -> dict:
+    """The keyword for augmentation labels, only when there are some (networks built without
+    augmentation, and the classifier's and autoencoder's losses, do not take it)."""
     return {} if augment_labels is None else {"augment_labels": augment_labels}
 
 
@@ -425,6 +425,9 @@ def build_model(cfg: ModelConfig, shape: tuple, num_classes: int = 0, levels: in
     LatentAutoencoder (model.kind)."""
     if cfg.kind == "diffusion":
         return Diffusion.from_config(cfg, shape, num_classes, levels)
+    if cfg.augment:
+        raise ValueError(f"model.augment={cfg.augment} conditions a denoiser on its augmentation; "
+                         f"model.kind={cfg.kind!r} has none (use model.augment=0)")
     if cfg.kind == "classifier":
         return NoisyClassifier.from_config(cfg, shape, num_classes)
     if cfg.kind == "autoencoder":

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from . import schedules as S
+from .losses import noise_distribution
 from .precond import Denoiser, EDMPrecond, FlowPrecond, IDDPMPrecond, Preconditioner, VEPrecond, VPPrecond, VPredPrecond
 
 
@@ -267,8 +268,6 @@ def get_preset(name: str, params: Mapping[str, float] | None = None) -> Preset:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (integer and value != int(value)):
             raise ValueError(f"model.preset_params.{key}={value!r} must be a finite {'integer' if integer else 'number'}")
     changed = {**defaults, **{k: (int(v) if isinstance(defaults[k], int) else float(v)) for k, v in params.items()}}
-    from .losses import noise_distribution
-
     try:
         preset = _BUILDERS[name](changed)
         noise_distribution(preset.noise, **preset.noise_kwargs)  # its numbers are checked here too (P_std > 0, ...)

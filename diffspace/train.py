@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, TrainConfig
 from .encoder import load_encoder
-from .model import Diffusion, LatentAutoencoder, build_model
+from .model import Diffusion, LatentAutoencoder, augment_kwargs, build_model
 from .sampling import class_labels, plan, sample, stream_seed
 
 Tensor = torch.Tensor
@@ -243,9 +243,6 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     if len(train_set) < cfg.train.batch_size:
         raise ValueError(f"the training set of {cfg.data.spec!r} has {len(train_set)} samples, "
                          f"fewer than train.batch_size={cfg.train.batch_size}")
-    if cfg.model.augment and cfg.model.kind != "diffusion":
-        raise ValueError(f"model.augment={cfg.model.augment} conditions a denoiser on its augmentation; "
-                         f"model.kind={cfg.model.kind!r} has none (use model.augment=0)")
     if cfg.data.encoder and cfg.model.kind != "diffusion":
         raise ValueError(f"data.encoder={cfg.data.encoder!r} is for diffusion models; model.kind={cfg.model.kind!r} trains on pixels")
     encoder = load_encoder(cfg.data.encoder, device)  # pixels: the identity
@@ -488,9 +485,7 @@ class LossOf(torch.nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, labels: Tensor | None, draw, augment_labels: Tensor | None = None) -> Tensor:
-        if augment_labels is None:  # the classifier's and autoencoder's losses take no augmentation
-            return self.model.loss(x, labels, t=draw.t, eps=draw.eps)
-        return self.model.loss(x, labels, t=draw.t, eps=draw.eps, augment_labels=augment_labels)
+        return self.model.loss(x, labels, t=draw.t, eps=draw.eps, **augment_kwargs(augment_labels))
 
 
 def _write_report(run_dir: Path, cfg: Config, data, ema, seconds: float, test_set) -> None:
