@@ -6,6 +6,7 @@ training images and (about) equal parameters, judged in the digits feature net.
     python benchmarks/time_to_quality.py --quick            # 150 steps, one seed, n = 300: the script runs
     python benchmarks/time_to_quality.py --recipes diffusers@3e-3,edm,edm-sd --seeds 0,1 --budgets 900,1800
     python benchmarks/time_to_quality.py --lean RUN...      # the share of samples nearest a held-out digit
+    python benchmarks/time_to_quality.py --recipes edm-u+ag --judge held-out   # autoguided by its own earlier EMA
 
 Each recipe is a set of config overrides (RECIPES below) trained by `diffspace train`'s loop on
 scikit-learn's 8x8 digits with batch 128 (a recipe may set a batch that divides 128: the budgets
@@ -19,7 +20,9 @@ uniform t and L_simple (preset ddpm); `diffusers@LR` sets its learning rate (swe
 `diffusers@...` entries; the table says which won). Not taken from the peer script: its AdamW betas
 (0.95, 0.999) and weight decay 1e-6, its warm-up EMA and its cosine schedule; both sides share the
 loop and the EMA choice, so the comparison is about the recipe (network, preset, weighting, noise
-levels, learning rate), not the optimiser.
+levels, learning rate), not the optimiser. A recipe name ending in "+ag" is also sampled with
+autoguidance by the same run's EMAs at half the images (measure, 1): no extra training images, and
+at most the same network evaluations per sample (an autoguided step spends two).
 
 At each budget (measure): the EMA length is chosen by FD at 35 NFE (EDM2's post-hoc choice, from
 three lengths); that EMA is sampled with each of its recipe's samplers at about 10, 20 and 35 NFE
@@ -72,16 +75,18 @@ RECIPES = {  # name: (overrides, samplers tried at each NFE)
     "edm-pmean": ({**EDM, "model.preset_params": {"P_mean": -0.6}}, EDM_SAMPLERS),  # fewer high noise levels
     "edm-isqrt": ({**EDM, "train.lr": 4e-3, "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": 600}, EDM_SAMPLERS),
 }
-NFES = (10, 20, 35)
+NFES = (10, 20, 35)  # network evaluations per sample (an autoguided step costs two)
+GUIDE_EMAS, GUIDE_WEIGHTS = (0.10, 0.20), (1.5, 2.0, 2.5)  # '+ag': the guide's EMA (sigma_rel) and w, chosen post hoc
 
 
-def recipe(name: str) -> tuple[str, dict, tuple]:
-    """(label, overrides, samplers) of 'name' or 'name@LR'."""
-    base, _, lr = name.partition("@")
-    if base not in RECIPES:
-        raise SystemExit(f"unknown recipe {base!r}; allowed: {', '.join(RECIPES)} (optionally @LR)")
+def recipe(name: str) -> tuple[str, dict, tuple, bool]:
+    """(label, overrides, samplers, autoguided) of 'name', 'name@LR' or either + '+ag'."""
+    bare, ag, rest = name.partition("+ag")
+    base, _, lr = bare.partition("@")
+    if base not in RECIPES or rest:
+        raise SystemExit(f"unknown recipe {name!r}; allowed: {', '.join(RECIPES)} (optionally @LR, then optionally +ag)")
     overrides, samplers = RECIPES[base]
-    return name, {**COMMON, **overrides, **({"train.lr": float(lr)} if lr else {})}, samplers
+    return name, {**COMMON, **overrides, **({"train.lr": float(lr)} if lr else {})}, samplers, bool(ag)
 
 
 def config(overrides: dict, steps: int, seed: int):
@@ -109,12 +114,17 @@ def emas(summary, run_dir: Path) -> dict:
     return dict(sorted(out.items()))
 
 
-def measure(models: dict, n: int, samplers, real, net, halves, digits, floor_of) -> dict:
+def measure(models: dict, n: int, samplers, real, net, halves, digits, floor_of, guides=None) -> dict:
     """The EMA length, the best sampler at each NFE, and the paired excess of the best column.
 
     1. The EMA (of `models`, by sigma_rel) with the lowest FD at 35 NFE of samplers[0] (sample seed 7).
-    2. For that EMA, {"nfe": (FD, sampler, nfe used, precision, recall, confident)} of the best sampler
-       at each NFE against `real` (the same sample set of seed 7).
+       With `guides` (the same run's EMAs at half the images: autoguidance, Karras et al. 2024, with a
+       guide that costs no training images of its own), that EMA guided by each guide EMA in GUIDE_EMAS
+       with each w in GUIDE_WEIGHTS is tried at 35 network evaluations too, and the best of those and
+       the unguided one is kept ("guide": [guide sigma_rel, w] or None).
+    2. For that EMA, {"nfe": (FD, sampler, evaluations, precision, recall, confident)} of the best
+       sampler at each number of network evaluations against `real` (the same sample set of seed 7);
+       with guides, unguided and with the kept guide ("sampler+ag" in the table).
     3. The excess over the floor, paired: len(halves) fresh sample sets of n (seed 11), set k against
        the real half a_k of the k-th random halving (a_k, b_k), minus that halving's floor FD(b_k, a_k);
        "excess" is the mean over k and "excess_se" its standard error. Pairing each set with its own
@@ -126,26 +136,39 @@ def measure(models: dict, n: int, samplers, real, net, halves, digits, floor_of)
     from diffspace.features import digits_metrics
     from diffspace.sampling import sample
 
-    measured = {}  # (sigma_rel, sampler, nfe) -> (metrics, nfe used) of the sample set of seed 7, each drawn once
+    measured = {}  # (sigma_rel, guide, sampler, nfe) -> (metrics, evaluations) of the sample set of seed 7, each drawn once
 
-    def metrics(sigma_rel, sampler, nfe):
-        if (sigma_rel, sampler, nfe) not in measured:
-            s = sample(models[sigma_rel], n, SampleConfig(sampler=sampler, nfe=nfe, seed=7))
-            measured[sigma_rel, sampler, nfe] = digits_metrics(s.x.clamp(-1, 1), real, net), s.plan.nfe
-        return measured[sigma_rel, sampler, nfe]
+    def draw(sigma_rel, guide, sampler, nfe, size, seed):
+        """size samples of EMA sigma_rel, unguided (guide None) or autoguided (guide (sigma_rel, w)), in at
+        most nfe network evaluations each: an autoguided step evaluates the model and its guide."""
+        if guide is None:
+            return sample(models[sigma_rel], size, SampleConfig(sampler=sampler, nfe=nfe, seed=seed))
+        cfg = SampleConfig(sampler=sampler, nfe=nfe // 2, seed=seed, guidance=guide[1])
+        return sample(models[sigma_rel], size, cfg, guide=guides[guide[0]])
 
-    sigma_rel = min(models, key=lambda s: metrics(s, samplers[0], NFES[-1])[0]["FD_digits"])
-    ema, best = models[sigma_rel], {}
+    def metrics(sigma_rel, guide, sampler, nfe):
+        if (sigma_rel, guide, sampler, nfe) not in measured:
+            s = draw(sigma_rel, guide, sampler, nfe, n, seed=7)
+            measured[sigma_rel, guide, sampler, nfe] = digits_metrics(s.x.clamp(-1, 1), real, net), s.evaluations + s.guided
+        return measured[sigma_rel, guide, sampler, nfe]
+
+    fd = lambda sigma_rel, guide: metrics(sigma_rel, guide, samplers[0], NFES[-1])[0]["FD_digits"]  # noqa: E731
+    sigma_rel = min(models, key=lambda s: fd(s, None))
+    tried = [None] + ([(g, w) for g in GUIDE_EMAS for w in GUIDE_WEIGHTS] if guides else [])
+    guide, best = min(tried, key=lambda g: fd(sigma_rel, g)), {}
     for nfe in NFES:
         for sampler in samplers:
-            m, used = metrics(sigma_rel, sampler, nfe)
-            if str(nfe) not in best or m["FD_digits"] < best[str(nfe)][0]:
-                best[str(nfe)] = (m["FD_digits"], sampler, used, m["precision"], m["recall"], m["confident"])
-    _, sampler, nfe_used = min(best.values())[:3]
-    x = sample(ema, n * len(halves), SampleConfig(sampler=sampler, nfe=nfe_used, seed=11)).x.clamp(-1, 1)
+            for g in dict.fromkeys([guide, None]):
+                m, used = metrics(sigma_rel, g, sampler, nfe)
+                if str(nfe) not in best or m["FD_digits"] < best[str(nfe)][0]:
+                    best[str(nfe)] = (m["FD_digits"], sampler + ("+ag" if g else ""), used, m["precision"], m["recall"], m["confident"])
+    _, name, used = min(best.values())[:3]
+    sampler, column_guide = name.removesuffix("+ag"), guide if name.endswith("+ag") else None
+    x = draw(sigma_rel, column_guide, sampler, used, n * len(halves), seed=11).x.clamp(-1, 1)
     excess = [digits_metrics(x[k * n:(k + 1) * n], a, net)["FD_digits"] - floor for k, (a, floor) in enumerate(halves)]
     excess_all = digits_metrics(x, digits, net)["FD_digits"] - floor_of(len(x))
-    return {**best, "ema": sigma_rel, "paired": [sampler, nfe_used], "excess": statistics.mean(excess),
+    return {**best, "ema": sigma_rel, "guide": list(column_guide) if column_guide else None, "paired": [name, used],
+            "excess": statistics.mean(excess),
             "excess_se": statistics.stdev(excess) / math.sqrt(len(excess)), "excess_all": excess_all}
 
 
@@ -212,7 +235,7 @@ def run_all(args, out: Path) -> None:
     budgets, seeds = [int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")]
     recipes = [recipe(r) for r in args.recipes.split(",")]
     if args.judge == "held-out":
-        recipes = [(label, {**overrides, "data.test_fraction": 0.5}, samplers) for label, overrides, samplers in recipes]
+        recipes = [(label, {**overrides, "data.test_fraction": 0.5}, *rest) for label, overrides, *rest in recipes]
     net = digits_feature_net()
     data, train_set, test_set = load_data(config(recipes[0][1], 1, 0))
     real, other = real_sets(data, args.n)
@@ -233,7 +256,7 @@ def run_all(args, out: Path) -> None:
         halves = [(real, floor_of(n))] * args.sets
         print(f"held-out judge: {len(train_set)} training digits, {len(real)} held out; the training digits against "
               f"them: FD {floor:.2f}; the floor of n = {n} samples, c / n + {floor:.2f} / 2 = {halves[0][1]:.2f}")
-    for label, overrides, samplers in recipes:
+    for label, overrides, samplers, autoguided in recipes:
         for seed in seeds:
             run_dir, spent, result = out / f"{label}-seed{seed}", 0.0, {}
             if run_dir.exists():
@@ -243,12 +266,19 @@ def run_all(args, out: Path) -> None:
                 raise SystemExit(f"{label}: train.batch_size={batch} must divide {BATCH} (the budgets are steps of {BATCH})")
             steps = lambda budget: budget * BATCH // batch  # equal images: a smaller batch takes more steps
             cfg = config(overrides, steps(budgets[-1]), seed)
-            for k, budget in enumerate(budgets):  # paused at each budget, measured, resumed exactly
+            pauses = sorted(set(budgets) | ({b // 2 for b in budgets} if autoguided else set()))
+            kept = {}  # autoguided: {pause: its EMAs}, the guides of the budget twice as long
+            for k, pause in enumerate(pauses):  # paused at each budget, measured, resumed exactly
                 t0 = time.time()
-                summary = train(cfg if k == 0 else None, run_dir, resume=k > 0, stop_at=steps(budget), progress=False)
+                summary = train(cfg if k == 0 else None, run_dir, resume=k > 0, stop_at=steps(pause), progress=False)
                 spent += time.time() - t0
-                r = result[budget] = {"seconds": spent, **measure(emas(summary, run_dir), n, samplers, real, net, halves, data.x, floor_of)}
-                print(f"{label} seed {seed} {budget * BATCH:,} images ({spent:.0f} s), EMA {r['ema']}: " + ", ".join(
+                models = kept[pause] = emas(summary, run_dir)
+                if pause not in budgets:
+                    continue
+                budget, guides = pause, kept.get(pause // 2) if autoguided else None
+                r = result[budget] = {"seconds": spent, **measure(models, n, samplers, real, net, halves, data.x, floor_of, guides)}
+                guided = f", guided by its EMA {r['guide'][0]} of {budget // 2 * BATCH:,} images at w {r['guide'][1]}" if r["guide"] else ""
+                print(f"{label} seed {seed} {budget * BATCH:,} images ({spent:.0f} s), EMA {r['ema']}{guided}: " + ", ".join(
                     f"{nfe}: {r[str(nfe)][0]:.2f} {r[str(nfe)][1]}@{r[str(nfe)][2]}" for nfe in NFES)
                     + f"; paired excess {r['excess']:.2f} +- {r['excess_se']:.2f}, against all {r['excess_all']:.2f}", flush=True)
             params = sum(p.numel() for p in summary["model"].network.parameters())
@@ -282,7 +312,7 @@ def report(out: Path) -> None:
             for key in excess:
                 excess[key][label, budget] = statistics.mean(r[key] for r in rs)
             se[label, budget] = math.sqrt(sum(r["excess_se"] ** 2 for r in rs)) / len(rs)
-            ema = "/".join(f"{r['ema']:g}" for r in rs)
+            ema = "/".join(f"{r['ema']:g}" + (" ag {:g} w {:g}".format(*r["guide"]) if r.get("guide") else "") for r in rs)
             paired = statistics.mode("{}@{}".format(*r["paired"]) for r in rs)
             print(f"| {label} | {of[label][0]['params'] / 1e6:.2f} M | {len(rs)} | {budget * batch:,} | " + " | ".join(cells)
                   + f" | {ema} | {spread([r['excess'] for r in rs])} +- {se[label, budget]:.2f} ({paired}) "

@@ -129,11 +129,11 @@ def _check_guide(guide, model, what: str) -> None:
         raise ValueError(f"{what} models data of shape {guide.shape}, the model {model.shape}")
 
 
-def guided_denoiser(model, cfg: SampleConfig, labels: Tensor | None, device="cpu"):
+def guided_denoiser(model, cfg: SampleConfig, labels: Tensor | None, device="cpu", weak=None):
     """D(x, sigma) of the model at `labels` with the guidance cfg asks for: classifier-free when
-    guidance != 1 on labels, autoguidance with guide_run, classifier guidance with classifier (the
-    two last load their runs here), clamped to [-clip_x0, clip_x0] if set. Returns (D, the outermost
-    guidance wrapper or None)."""
+    guidance != 1 on labels, autoguidance with guide_run (or by `weak`, a guide model already in
+    memory), classifier guidance with classifier (runs named in cfg are loaded here), clamped to
+    [-clip_x0, clip_x0] if set. Returns (D, the outermost guidance wrapper or None)."""
     w, interval, phi = cfg.guidance, tuple(cfg.guidance_interval), cfg.guidance_rescale
     if interval and (len(interval) != 2 or not 0 <= interval[0] <= interval[1]):
         raise ValueError(f"sample.guidance_interval={list(interval)} must be [sigma_lo, sigma_hi] with 0 <= lo <= hi")
@@ -141,8 +141,9 @@ def guided_denoiser(model, cfg: SampleConfig, labels: Tensor | None, device="cpu
         raise ValueError(f"sample.guidance_rescale={phi} must lie in [0, 1]")
     wrapper = None
     D = lambda x, s: model(x, s, labels)  # noqa: E731
-    if cfg.guide_run:
+    if weak is None and cfg.guide_run:
         weak, _, _ = load_model(cfg.guide_run, device)
+    if weak is not None:
         _check_guide(weak, model, f"sample.guide_run={cfg.guide_run!r}")
         weak_labels = labels if weak.num_classes else None
         if weak_labels is not None and weak.num_classes != model.num_classes:
@@ -166,14 +167,16 @@ def guided_denoiser(model, cfg: SampleConfig, labels: Tensor | None, device="cpu
     return D, wrapper
 
 
-def describe_guidance(cfg: SampleConfig) -> str:
-    """The labels and guidance of a sampling config in words ('' for plain sampling)."""
+def describe_guidance(cfg: SampleConfig, auto: bool = False) -> str:
+    """The labels and guidance of a sampling config in words ('' for plain sampling); auto: guided by
+    a guide model in memory (sample's `guide`)."""
     parts = [f"classes {cfg.classes}"] if cfg.classes else []
-    if cfg.guide_run:
+    auto = auto or bool(cfg.guide_run)
+    if auto:
         parts.append(f"autoguidance w={cfg.guidance:g}")
     elif cfg.guidance != 1:
         parts.append(f"CFG w={cfg.guidance:g}")
-    if cfg.guidance_interval and (cfg.guide_run or cfg.guidance != 1 or cfg.classifier):
+    if cfg.guidance_interval and (auto or cfg.guidance != 1 or cfg.classifier):
         parts.append("interval [" + ", ".join(f"{v:g}" for v in cfg.guidance_interval) + "]")
     if cfg.guidance_rescale:
         parts.append(f"rescale {cfg.guidance_rescale:g}")
@@ -234,13 +237,14 @@ def stream_seed(seed: int, k: int) -> int:
 
 @torch.no_grad()
 def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", callback=None,
-           shape: tuple | None = None, shared: bool = True) -> Samples:
+           shape: tuple | None = None, shared: bool = True, guide=None) -> Samples:
     """n samples of a model (train.Diffusion) as cfg says, in chunks of cfg.batch: chunk k holds
     samples k * batch .. and has its own generator (stream_seed), so a sample does not depend on how
     many processes share the work. Under torchrun rank r computes chunks r, r + W, ..., and every
     rank gets all n (distributed.gather_chunks); shared=False: this process alone computes every chunk
     (rank 0's sample grids during training). `callback` sees each of this rank's chunks in turn (in
-    the model's space: a latent run's samples alone are decoded to pixels)."""
+    the model's space: a latent run's samples alone are decoded to pixels). `guide`: the weak model of
+    autoguidance (weight cfg.guidance) when it is in memory; else cfg.guide_run's is loaded once here."""
     cfg = cfg or SampleConfig()
     shape = tuple(shape or model.shape)
     if n < 1 or not shape:
@@ -250,10 +254,12 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
         raise ValueError(f"sample.sampler='mala' needs log p from an energy model (model.parameterization=energy); "
                          f"this one is {model.parameterization!r}: use langevin for an unadjusted chain")
     labels = class_labels(cfg.classes, n, model.num_classes, device)
+    if guide is None and cfg.guide_run:
+        guide, _, _ = load_model(cfg.guide_run, device)
     count = -(-n // cfg.batch)
     rank, world = (distributed.rank(), distributed.world_size()) if shared else (0, 1)
     done = [_sample_chunk(model, cfg, p, shape, k, min(n, (k + 1) * cfg.batch) - k * cfg.batch,
-                          None if labels is None else labels[k * cfg.batch:(k + 1) * cfg.batch], device, callback)
+                          None if labels is None else labels[k * cfg.batch:(k + 1) * cfg.batch], device, callback, guide)
             for k in range(rank, count, world)]
     x, calls, guided = [x for x, _, _ in done], max(c for _, c, _ in done) if done else 0, max(g for _, _, g in done) if done else 0
     if world > 1:
@@ -262,13 +268,13 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
     x = torch.cat(x)
     if getattr(model, "encoder", None) is not None:  # a latent run's samples in pixels (encoder.py; pixels: identity)
         x = model.encoder.decode(x)
-    return Samples(x, labels, p, calls, guided, describe_guidance(cfg))
+    return Samples(x, labels, p, calls, guided, describe_guidance(cfg, auto=guide is not None))
 
 
-def _sample_chunk(model, cfg: SampleConfig, p: Plan, shape: tuple, k: int, n: int, labels, device, callback):
+def _sample_chunk(model, cfg: SampleConfig, p: Plan, shape: tuple, k: int, n: int, labels, device, callback, guide):
     """(x, denoiser calls, guided calls) of chunk k (n samples): x = sigma_max * N(0, I) from its
     generator (N(0, I) itself for a grid from sigma = inf), then the planned sampler on the guided denoiser."""
-    D, wrapper = guided_denoiser(model, cfg, labels, device)
+    D, wrapper = guided_denoiser(model, cfg, labels, device, guide)
     D = counted = Counted(D)  # what the sampler spent, also where the plan cannot know it (adaptive)
     options = dict(p.options)
     if p.sampler == "ddpm" and model.learned_variance and "variance" not in options:

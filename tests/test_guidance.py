@@ -441,6 +441,22 @@ def test_guided_sampling_through_every_preset_and_parameterization(preset, param
     assert not torch.allclose(s.x, plain.x)  # the guidance did something
 
 
+def test_autoguidance_by_a_guide_in_memory_is_the_formula_sampled():
+    """sample(..., guide=weak): D_w = D_weak + w (D - D_weak) on every call (both nets once per evaluation)."""
+    (model, _), (weak, _) = _model("edm", "precond", seed=0), _model("edm", "precond", seed=1)
+    n, w = 8, 2.0
+    s = sampling.sample(model, n, SampleConfig(guidance=w, nfe=5, sampler="heun"), guide=weak)
+    p = s.plan
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        x = initial_state(torch.randn((n, 2), generator=g), p.sigmas[0].item(), model.preset.prior)
+        expect = SAMPLERS[p.sampler](lambda x, t: weak(x, t) + w * (model(x, t) - weak(x, t)), x, p.sigmas,
+                                     generator=g, **p.options)
+    torch.testing.assert_close(s.x, expect, rtol=1e-5, atol=1e-6)
+    assert s.evaluations == s.guided == p.nfe == 5 and "autoguidance w=2" in s.describe()
+    assert not torch.allclose(s.x, sampling.sample(model, n, SampleConfig(nfe=5, sampler="heun")).x)
+
+
 # -- 9. errors -------------------------------------------------------------------------------------------
 def test_class_labels_values_and_errors():
     assert sampling.class_labels("", 8, 10) is None and sampling.class_labels("", 8, 0) is None

@@ -80,3 +80,18 @@ def test_held_out_share_tells_copies_of_the_training_digits_from_fresh_ones():
     assert ttq.held_out_share(noisy(train[:100]), *sets) == 0.0
     assert ttq.held_out_share(noisy(test), *sets) == 1.0
     assert abs(ttq.held_out_share(noisy(torch.cat([test[:30], train[:70]])), *sets) - 0.30) < 1e-12
+
+
+def test_recipe_names_carry_a_rate_and_autoguidance():
+    label, overrides, samplers, autoguided = ttq.recipe("diffusers@1e-3+ag")
+    assert (label, overrides["train.lr"], overrides["model.network"], autoguided) == ("diffusers@1e-3+ag", 1e-3, "diffusers", True)
+    assert samplers == ttq.PEER_SAMPLERS
+    _, overrides, samplers, autoguided = ttq.recipe("edm-u")
+    assert overrides["model.uncertainty"] and overrides["train.lr"] == 2e-3 and not autoguided and samplers == ttq.EDM_SAMPLERS
+    for bad in ("edm-u+agx", "edm-u+ag@1e-3", "nope", "edm-u++ag"):
+        try:
+            ttq.recipe(bad)
+        except SystemExit as e:
+            assert repr(bad) in str(e) and "allowed" in str(e)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")
