@@ -144,10 +144,11 @@ def guided_denoiser(model, cfg: SampleConfig, labels: Tensor | None, device="cpu
     if weak is None and cfg.guide_run:
         weak, _, _ = load_model(cfg.guide_run, device)
     if weak is not None:
-        _check_guide(weak, model, f"sample.guide_run={cfg.guide_run!r}")
+        what = f"sample.guide_run={cfg.guide_run!r}" if cfg.guide_run else "the guide"
+        _check_guide(weak, model, what)
         weak_labels = labels if weak.num_classes else None
         if weak_labels is not None and weak.num_classes != model.num_classes:
-            raise ValueError(f"sample.guide_run={cfg.guide_run!r} has {weak.num_classes} classes, the model {model.num_classes}")
+            raise ValueError(f"{what} has {weak.num_classes} classes, the model {model.num_classes}")
         D = wrapper = guidance.autoguidance(D, lambda x, s: weak(x, s, weak_labels), w, interval, phi)
     elif w != 1:
         if labels is None:

@@ -455,6 +455,9 @@ def test_autoguidance_by_a_guide_in_memory_is_the_formula_sampled():
     torch.testing.assert_close(s.x, expect, rtol=1e-5, atol=1e-6)
     assert s.evaluations == s.guided == p.nfe == 5 and "autoguidance w=2" in s.describe()
     assert not torch.allclose(s.x, sampling.sample(model, n, SampleConfig(nfe=5, sampler="heun")).x)
+    other = Diffusion(MLP(3, hidden=8, depth=1), PRESETS["edm"], "precond", shape=(3,)).eval()
+    with pytest.raises(ValueError, match=re.escape("the guide models data of shape (3,), the model (2,)")):
+        sampling.sample(model, n, SampleConfig(guidance=w, nfe=5), guide=other)
 
 
 # -- 9. errors -------------------------------------------------------------------------------------------
