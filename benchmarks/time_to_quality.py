@@ -268,15 +268,17 @@ def run_all(args, out: Path) -> None:
             steps = lambda budget: budget * BATCH // batch  # equal images: a smaller batch takes more steps
             cfg = config(overrides, steps(budgets[-1]), seed)
             pauses = sorted(set(budgets) | ({b // 2 for b in budgets} if autoguided else set()))
-            kept = {}  # autoguided: {pause: its EMAs}, the guides of the budget twice as long
+            kept = {}  # autoguided: {pause: its EMAs}, the guides of the budget twice as long (else empty)
             for k, pause in enumerate(pauses):  # paused at each budget, measured, resumed exactly
                 t0 = time.time()
                 summary = train(cfg if k == 0 else None, run_dir, resume=k > 0, stop_at=steps(pause), progress=False)
                 spent += time.time() - t0
-                models = kept[pause] = emas(summary, run_dir)
+                models = emas(summary, run_dir)
+                if autoguided:
+                    kept[pause] = models
                 if pause not in budgets:
                     continue
-                budget, guides = pause, kept.get(pause // 2) if autoguided else None
+                budget, guides = pause, kept.get(pause // 2)
                 r = result[budget] = {"seconds": spent, **measure(models, n, samplers, real, net, halves, data.x, floor_of, guides)}
                 guided = f", guided by its EMA {r['guide'][0]} of {budget // 2 * BATCH:,} images at w {r['guide'][1]}" if r["guide"] else ""
                 print(f"{label} seed {seed} {budget * BATCH:,} images ({spent:.0f} s), EMA {r['ema']}{guided}: " + ", ".join(
