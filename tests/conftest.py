@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+import contextlib
+import io
 import subprocess
 import sys
 
@@ -27,24 +29,27 @@ def non_blank_png(path) -> bool:
     return img.shape[0] >= 100 and img.shape[1] >= 100 and img.std() > 8
 
 
-def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
-    """The command line run in this process (`diffspace.cli.main`), as subprocess.run would report it
-    (returncode, stdout, stderr): for checks of bad input, which fail before any work, without the
-    seconds a new Python process costs."""
+def run(*args) -> subprocess.CompletedProcess:
+    """`diffspace ARGS` as a user types it, run in this process: `diffspace.cli.main`, the code behind
+    `python -m diffspace`, without the two seconds a new interpreter and `import torch` cost. Returns
+    what subprocess.run would (returncode, stdout, stderr); an exception the command line does not turn
+    into an exit code fails the test with its traceback. Warnings go to pytest's summary, not stderr.
+    The entry point itself, signals and torchrun need a new process: `run_process`."""
     from diffspace.cli import main
 
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:  # argparse's own errors (exit 2) and --help (exit 0)
-        code = e.code
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors (exit 2) and --help (exit 0)
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def run(*args) -> subprocess.CompletedProcess:
-    """`python -m diffspace ARGS` in a new process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "diffspace", *map(str, args)], capture_output=True, text=True, timeout=600)
+def run_process(*args, timeout=600) -> subprocess.CompletedProcess:
+    """`python -m diffspace ARGS` in a new process, exactly as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "diffspace", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def ok(r):

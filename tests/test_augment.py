@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_in_process, ok, one_line_error, perturb_, run
+from conftest import ok, one_line_error, perturb_, run
 from diffspace.augment import AUGMENT_DIM, augment
 from diffspace.nn import UNet
 
@@ -102,8 +102,8 @@ def test_training_with_augmentation_trains_its_embedding(tmp_path):
     (["--data", "digits", "model.augment=0.2", "model.network=mp"], ["model.augment=0.2", "model.network='mp'"]),
     (["--data", "digits", "model.augment=0.2", "model.kind=classifier"], ["model.augment=0.2", "classifier"]),
 ])
-def test_bad_augmentation_settings_are_one_line_errors(tmp_path, capsys, args, words):
-    one_line_error(cli_in_process(capsys, "train", *args, "--steps", "2", "--out", tmp_path / "r", "--quiet"), *words)
+def test_bad_augmentation_settings_are_one_line_errors(tmp_path, args, words):
+    one_line_error(run("train", *args, "--steps", "2", "--out", tmp_path / "r", "--quiet"), *words)
 
 
 @pytest.mark.slow  # about 2 minutes: a digits run through the CLI

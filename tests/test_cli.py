@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cli_in_process
+from conftest import run as cli
 
 
 def run(*args, cwd=None):
@@ -77,9 +77,9 @@ def test_train_sample_resume_through_the_entry_point(tmp_path):
     (["sample", "no/such/run"], ["no/such/run"]),
     (["sample", "no/such/run", "--n", "0"], ["--n=0"]),
 ])
-def test_bad_arguments_name_what_is_allowed(tmp_path, monkeypatch, capsys, args, words):
+def test_bad_arguments_name_what_is_allowed(tmp_path, monkeypatch, args, words):
     monkeypatch.chdir(tmp_path)
-    r = cli_in_process(capsys, *args)  # in this process: the entry point itself is checked below
+    r = cli(*args)  # in this process: the entry point itself is checked below
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_in_process, ok, one_line_error, run
+from conftest import ok, one_line_error, run
 from diffspace.analytic import ring8
 from diffspace.evaluate import noise_floor, sliced_wasserstein
 
@@ -131,8 +131,7 @@ def test_bad_sampling_settings_are_one_line_errors(runs, args, words):
     one_line_error(run("sample", runs / "cond", "--n", 4, *args), *words)
 
 
-def test_errors_on_an_unconditional_run_and_bad_edits(runs, capsys):
-    run = lambda *args: cli_in_process(capsys, *args)  # noqa: E731  (bad input fails before any work)
+def test_errors_on_an_unconditional_run_and_bad_edits(runs):
     one_line_error(run("sample", runs / "plain", "--class", 1, "--n", 4), "not class-conditional")
     one_line_error(run("sample", runs / "plain", "--classifier", runs / "cond", "--n", 4), "needs class labels")
     one_line_error(run("sample", runs / "cond", "--classifier", runs / "cond", "--class", 1, "--n", 4), "classifier run is needed")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli_in_process, ok, one_line_error, run
+from conftest import ok, one_line_error, run
 from diffspace.config import ModelConfig
 from diffspace.encoder import LATENT_STD, Encoder, load_encoder
 from diffspace.model import LatentAutoencoder, load_model
@@ -61,7 +61,7 @@ def test_autoencoder_beats_the_mean_image_and_the_scale_gives_std_half(ae_run):
     assert "PSNR" in (out / "report.md").read_text()
 
 
-def test_latent_run_trains_samples_and_evaluates_in_pixels(ae_run, tmp_path, capsys):
+def test_latent_run_trains_samples_and_evaluates_in_pixels(ae_run, tmp_path):
     ae, _ = ae_run
     lat = tmp_path / "lat"
     ok(run("train", "--data", "digits", "--steps", 40, "--out", lat, "--quiet", f"data.encoder={ae}",
@@ -75,13 +75,12 @@ def test_latent_run_trains_samples_and_evaluates_in_pixels(ae_run, tmp_path, cap
     assert x.shape == (6, 1, 8, 8) and np.isfinite(x).all()
     r = ok(run("eval", lat, "-n", 64, "--nfe", 10, "--sampler", "deis_pc"))
     assert "FD (digits features)" in r.stdout and "bits/dim" not in r.stdout  # pixels measured; no latent likelihood
-    one_line_error(cli_in_process(capsys, "edit", lat, "--input", "held-out", "--mask", "left", "-n", 2), "latent run",
+    one_line_error(run("edit", lat, "--input", "held-out", "--mask", "left", "-n", 2), "latent run",
                    "pixel-space")
 
 
-def test_latent_errors_are_one_line(ae_run, tmp_path, capsys):
+def test_latent_errors_are_one_line(ae_run, tmp_path):
     ae, _ = ae_run
-    run = lambda *args: cli_in_process(capsys, *args)  # noqa: E731  (errors come before any work: no new process needed)
     one_line_error(run("train", "--data", "digits", "--steps", 2, "--out", tmp_path / "a", "--quiet",
                        f"data.encoder={ae}", "data.hflip=true"), "data.hflip", "latent")
     one_line_error(run("train-classifier", "--data", "digits", "--steps", 2, "--out", tmp_path / "b", "--quiet",

@@ -6,7 +6,7 @@ benchmarks/time_to_quality.py; here, that a run with each of them learns the dig
 
 import pytest
 import torch
-from conftest import cli_in_process
+from conftest import run as cli
 
 from diffspace.config import SampleConfig
 from diffspace.evaluate import real_sets
@@ -30,11 +30,11 @@ def _fd(run, n=300):
     return digits_metrics(x, real, net)["FD_digits"], digits_metrics(other, real, net)["FD_digits"]
 
 
-def test_every_part_of_the_recipe_at_once_learns_the_digits(tmp_path, capsys):
+def test_every_part_of_the_recipe_at_once_learns_the_digits(tmp_path):
     """After 20 steps the samples are noise-like; after 200 of the same run their FD has fallen by
     more than 4x (measured: 516 -> 60, the floor at n = 300 being 8.2), and the run holds the parts."""
     run = tmp_path / "run"
-    r = cli_in_process(capsys, "train", *SMALL, *PARTS, "--steps", "200", "--out", run, "log.checkpoint_every=20", "log.keep=20")
+    r = cli("train", *SMALL, *PARTS, "--steps", "200", "--out", run, "log.checkpoint_every=20", "log.keep=20")
     assert r.returncode == 0, r.stderr
     early, floor = _fd(run / "checkpoints" / "ckpt-00000020.json")
     late, _ = _fd(run)
@@ -46,12 +46,12 @@ def test_every_part_of_the_recipe_at_once_learns_the_digits(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_demo_recipe_reaches_twice_the_noise_floor(tmp_path, capsys):
+def test_the_demo_recipe_reaches_twice_the_noise_floor(tmp_path):
     """configs/digits-edm.toml as shipped: FD of 400 deis_pc samples at 10 NFE within 2.5x the floor."""
     from pathlib import Path
 
     config = Path(__file__).parent.parent / "configs" / "digits-edm.toml"
-    r = cli_in_process(capsys, "train", config, "--quiet", "--out", tmp_path / "run")
+    r = cli("train", config, "--quiet", "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr
     fd, floor = _fd(tmp_path / "run")
     assert fd < 2.5 * floor, (fd, floor)

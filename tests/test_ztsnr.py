@@ -4,8 +4,6 @@ at SNR 0. Expected values come from float64 numpy re-implementations of the pape
 limits taken numerically at a large finite sigma, or from the exact Gaussian-mixture denoiser."""
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from diffspace.precond import (ConditionedInput, Denoiser, EDMPrecond, FlowPreco
 from diffspace.presets import get_preset, presets_table
 from diffspace.sampling import plan, sample
 
-from conftest import perturb_
+from conftest import perturb_, run
 
 F64 = torch.float64
 T = 1000
@@ -386,10 +384,8 @@ def test_plan_and_sample_on_the_preset():
 
 
 def test_cli_trains_and_samples_end_to_end(tmp_path):
-    """7 s on the quiet 2-core machine (two subprocesses, 200 training steps)."""
+    """200 training steps, then 200 samples at 10 NFE, through the command line."""
     out = tmp_path / "z"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "diffspace", *a], capture_output=True, text=True,  # noqa: E731
-                                    timeout=300)
     r = run("train", "--preset", "ztsnr", "--data", "ring8", "--steps", "200", "--out", str(out), "--quiet",
             "model.hidden=32", "model.depth=1", "train.batch_size=128", "model.parameterization=v", "log.n_samples=16")
     assert r.returncode == 0, r.stderr
