@@ -72,8 +72,10 @@ RECIPES = {  # name: (overrides, samplers tried at each NFE)
     "edm-u64": ({**EDM, "model.uncertainty": True, "train.batch_size": 64}, EDM_SAMPLERS),  # twice the steps of half the batch
     "edm-ud": ({**EDM, "model.uncertainty": True, "model.dropout": 0.1}, EDM_SAMPLERS),  # + dropout (DDPM's CIFAR-10 value)
     "edm-mp": ({**EDM, "model.network": "mp", "train.lr": 1e-2}, EDM_SAMPLERS),  # EDM2's magnitude-preserving U-Net
-    "edm-pmean": ({**EDM, "model.preset_params": {"P_mean": -0.6}}, EDM_SAMPLERS),  # more high noise levels
-    "edm-u-plow": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -1.6}}, EDM_SAMPLERS),  # fewer
+    "edm-u-plow": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -1.6}}, EDM_SAMPLERS),  # fewer high noise levels
+    "edm-u-phigh": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6}}, EDM_SAMPLERS),  # more
+    "edm-u-phigher": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.2}}, EDM_SAMPLERS),
+    "edm-u-pwide": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_std": 1.6}}, EDM_SAMPLERS),  # EDM: 1.2
     "edm-isqrt": ({**EDM, "train.lr": 4e-3, "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": 600}, EDM_SAMPLERS),
 }
 NFES = (10, 20, 35)  # network evaluations per sample (an autoguided step costs two)
