@@ -75,7 +75,6 @@ RECIPES = {  # name: (overrides, samplers tried at each NFE)
     "edm-u-plow": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -1.6}}, EDM_SAMPLERS),  # fewer high noise levels
     "edm-u-phigh": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6}}, EDM_SAMPLERS),  # more
     "edm-u-phigher": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.2}}, EDM_SAMPLERS),
-    "edm-u-pwide": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_std": 1.6}}, EDM_SAMPLERS),  # EDM: 1.2
     "edm-isqrt": ({**EDM, "train.lr": 4e-3, "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": 600}, EDM_SAMPLERS),
 }
 NFES = (10, 20, 35)  # network evaluations per sample (an autoguided step costs two)

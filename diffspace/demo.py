@@ -34,8 +34,8 @@ from .train import train
 # of 200) 110 s in all on the machine of the session that introduced it.
 DIGITS = {"data.spec": "digits", "model.preset": "edm", "model.class_conditional": True, "model.label_dropout": 0.1,
           "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6}, "model.base_channels": 24,
-          "model.channel_mult": [1, 2], "model.num_blocks": 1, "train.steps": 1000, "train.batch_size": 128, "train.lr": 2e-3,
-          "train.warmup": 100, "log.checkpoint_every": 1000, "log.every": 25}
+          "model.channel_mult": [1, 2], "model.num_blocks": 1, "train.steps": 1000, "train.batch_size": 128,
+          "train.lr": 2e-3, "train.warmup": 100, "log.checkpoint_every": 1000, "log.every": 25}
 RING = {"data.spec": "ring8", "model.preset": "edm", "model.hidden": 128, "model.depth": 3, "train.steps": 1000,
         "train.batch_size": 256, "train.lr": 2e-3, "log.checkpoint_every": 1000, "log.every": 25}
 N_SAMPLES = 1000

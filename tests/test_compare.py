@@ -1,12 +1,10 @@
 """`diffspace compare`: both shipped specs run end to end in --quick mode through the real entry point."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import non_blank_png
+from conftest import non_blank_png, run_process
 
 from diffspace.compare import load_spec, run_config, shipped_specs
 
@@ -20,8 +18,7 @@ from diffspace.compare import load_spec, run_config, shipped_specs
 ])
 def test_shipped_spec_quick_through_the_entry_point(tmp_path, name, datasets, runs, nfes):
     out = tmp_path / name
-    r = subprocess.run([sys.executable, "-m", "diffspace", "compare", name, "--quick", "--quiet", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600)
+    r = run_process("compare", name, "--quick", "--quiet", "--out", out, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert list(results["datasets"]) == datasets
@@ -45,8 +42,7 @@ def test_shipped_spec_quick_through_the_entry_point(tmp_path, name, datasets, ru
         lik = {row["label"]: row["likelihood"][0][0] for row in results["datasets"]["digits"]}
         assert "Sigma learned" in lik["hybrid, learned Sigma"] and "Sigma beta" in lik["L_simple"]
     # a second call reuses the finished runs (no training) and writes the same tables
-    r2 = subprocess.run([sys.executable, "-m", "diffspace", "compare", name, "--quick", "--quiet", "--out", str(out)],
-                        capture_output=True, text=True, timeout=600)
+    r2 = run_process("compare", name, "--quick", "--quiet", "--out", out, timeout=600)
     assert r2.returncode == 0, r2.stderr[-2000:]
     again = json.loads((out / "results.json").read_text())
     shared = {"EDM, deis_pc"} if name == "design-space" else set()
@@ -110,8 +106,7 @@ def test_guidance_spec_loads_and_references_an_earlier_run(tmp_path):
 
 def test_guidance_spec_quick_through_the_entry_point(tmp_path):
     out = tmp_path / "guidance"
-    r = subprocess.run([sys.executable, "-m", "diffspace", "compare", "guidance", "--quick", "--quiet", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
+    r = run_process("compare", "guidance", "--quick", "--quiet", "--out", out, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads((out / "results.json").read_text())["datasets"]["digits"]
     assert len(rows) == 13 and "weak guide" not in [row["label"] for row in rows]

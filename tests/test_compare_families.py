@@ -5,12 +5,10 @@ likelihood per trained model. A tiny spec on the ring runs in seconds; the shipp
 is slow."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import non_blank_png
+from conftest import non_blank_png, run_process
 import torch
 
 from diffspace import compare
@@ -198,8 +196,7 @@ def test_a_sampler_that_diverges_is_reported_not_measured(tiny):
 @pytest.mark.slow
 def test_families_quick_through_the_entry_point(tmp_path):
     out = tmp_path / "families"
-    r = subprocess.run([sys.executable, "-m", "diffspace", "compare", "families", "--quick", "--quiet", "--out", str(out)],
-                       capture_output=True, text=True, timeout=1200)
+    r = run_process("compare", "families", "--quick", "--quiet", "--out", out, timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert list(results["datasets"]) == ["digits", "ring8"]

@@ -8,8 +8,6 @@ steps by default (sampling.SAMPLER_NFE). Checked here on the exact ring8 mixture
 part) and trained end to end through the CLI with the shipped config (slow).
 """
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,8 @@ from diffspace.evaluate import noise_floor, sliced_wasserstein
 from diffspace.presets import get_preset
 from diffspace.samplers import SAMPLERS
 from diffspace.sampling import plan
+
+from conftest import run_process
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ring8-ncsn.toml"
 
@@ -39,26 +39,22 @@ def test_default_langevin_and_pc_budgets_reach_the_exact_mixture(sampler):
     assert sw2 <= 1.4 * noise_floor(mixture.sample, n), sw2
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "diffspace", *map(str, args)], capture_output=True, text=True, timeout=900)
-
-
 @pytest.mark.slow
 def test_ncsn_trained_through_the_cli_samples_within_2x_the_floor(tmp_path):
     """configs/ring8-ncsn.toml (MLP 128 x 3, 1,500 steps): measured 1.49x (langevin, 1,001 NFE) and
     1.50x (pc, 1,999 NFE) the floor; `eval` runs (it stopped on the VE schedule's range before)."""
     run = tmp_path / "ncsn"
-    r = _run("train", CONFIG, "--out", run, "--quiet")
+    r = run_process("train", CONFIG, "--out", run, "--quiet", timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     floor = noise_floor(ring8().sample, 1000)
     for sampler in ("langevin", "pc"):
         out = tmp_path / f"{sampler}.png"
-        r = _run("sample", run, "--n", 1000, "--sampler", sampler, "--out", out)
+        r = run_process("sample", run, "--n", 1000, "--sampler", sampler, "--out", out, timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
         x = torch.from_numpy(np.load(out.with_suffix(".npz"))["x"]).double()
         sw2 = sliced_wasserstein(x, ring8().sample(1000, torch.Generator().manual_seed(1)).double())
         assert sw2 <= 2 * floor, f"{sampler}: sliced W2 {sw2:.4f}, floor {floor:.4f}"
-    r = _run("eval", run, "--n", 1000, "--nll-samples", 64)
+    r = run_process("eval", run, "--n", 1000, "--nll-samples", 64, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -78,10 +74,10 @@ def test_digits_langevin_within_2x_of_the_edm_run_of_equal_budget(tmp_path):
     fd = {}
     for name in ("digits-ncsn", "digits-edm"):
         config = CONFIG.parent / f"{name}.toml"
-        r = _run("train", config, "--out", tmp_path / name, "--quiet", "train.steps=800", "log.sample_every=0")
+        r = run_process("train", config, "--out", tmp_path / name, "--quiet", "train.steps=800", "log.sample_every=0", timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
         out = tmp_path / f"{name}.png"
-        r = _run("sample", tmp_path / name, "--n", 898, "--out", out)
+        r = run_process("sample", tmp_path / name, "--n", 898, "--out", out, timeout=900)
         assert r.returncode == 0, r.stderr[-2000:]
         fd[name] = _fd(out.with_suffix(".npz"))
     assert fd["digits-ncsn"] <= 2 * fd["digits-edm"], fd
