@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -194,11 +195,17 @@ def cmd_edit(args) -> int:
     if sum(modes) != 1:
         raise ValueError("edit needs exactly one of --mask (inpainting), --strength (SDEdit) or --invert (encode + decode)")
     check_count("--n", args.n, 1)
+    check_count("--particles", args.particles, 1)
     model, cfg, _ = load_model(Path(args.run))
     if model.encoder.latent:
         raise ValueError(f"{args.run} is a latent run (data.encoder={cfg.data.encoder!r}); edit masks and noises pixels, "
                          "so it needs a pixel-space run")
     settings = sample_settings(args, cfg.sample)
+    if args.mask is not None and args.method == "smc":  # SMC's weights assume its own step: DDPM's, posterior variance
+        if args.sampler not in (None, "ddpm") or settings.options != cfg.sample.options:
+            raise ValueError(f"--method smc steps by its own ancestral transition (DDPM's with the posterior variance); "
+                             f"--sampler {args.sampler} and sampler options do not apply (leave them unset)")
+        settings = dataclasses.replace(settings, sampler="ddpm", options={})
     p = plan(model.preset, settings)
     source = load_data(cfg)[2] if args.input == "held-out" else load(args.input)
     if source.shape != model.shape:
@@ -214,11 +221,23 @@ def cmd_edit(args) -> int:
         if args.mask is not None:
             mask = edit.make_mask(args.mask, model.shape)
             mask = ~mask if args.invert_mask else mask
-            x = edit.inpaint(D, y, mask, p.sigmas, p.sampler, method=args.method, jump_length=args.jump_length,
-                             jump_n_sample=args.jump_n_sample, reconstruction=args.reconstruction,
-                             sigma_data=model.preset.params.get("sigma_data", 0.5), generator=g, **p.options)
+            if args.method == "smc":  # the network batch is inputs x particles: inputs in chunks that fit sample.batch
+                ess = []
+                chunk = max(1, settings.batch // args.particles)
+                x = torch.cat([edit.inpaint(D, y[k:k + chunk], mask, p.sigmas, "ddpm", method="smc", particles=args.particles,
+                                            generator=g, callback=lambda info: info["ess"] is None or ess.append(info["ess"]))
+                               for k in range(0, len(y), chunk)])
+                ess = torch.cat(ess) / args.particles
+                method = (f"smc ({args.particles} particles per input, {len(p.sigmas) - 1} ancestral steps = "
+                          f"{(len(p.sigmas) - 1) * args.particles} network evaluations per input; effective sample size "
+                          f"below half the particles, so resampled, at {100 * float((ess < 0.5).double().mean()):.0f}% "
+                          f"of the weighted steps)")
+            else:
+                x = edit.inpaint(D, y, mask, p.sigmas, p.sampler, method=args.method, jump_length=args.jump_length,
+                                 jump_n_sample=args.jump_n_sample, reconstruction=args.reconstruction,
+                                 sigma_data=model.preset.params.get("sigma_data", 0.5), generator=g, **p.options)
+                method = args.method + (f" + reconstruction guidance {args.reconstruction:g}" if args.reconstruction else "")
             changed = int((x != y)[mask.expand_as(y)].sum())
-            method = args.method + (f" + reconstruction guidance {args.reconstruction:g}" if args.reconstruction else "")
             report = f"{method} inpainting, {int(mask.sum())} of {mask.numel()} values known; known values changed: {changed}"
             arrays["mask"] = mask.numpy()
             shown = torch.where(mask, y, torch.full_like(y, -1.0))
@@ -387,7 +406,7 @@ def add_sampling_arguments(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .edit import MASKS
+    from .edit import MASKS, METHODS
     from .process import REVERSE_VARIANCES
 
     p = _Parser(prog="diffspace", description="The design space of diffusion models.")
@@ -424,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("-n", "--n", type=int, default=16, help="number of inputs (a random subset, by --seed)")
     ed.add_argument("--mask", help=f"known region: {', '.join(MASKS)} (that half / the centre square) or MASK.npz (True = known)")
     ed.add_argument("--invert-mask", action="store_true", help="swap known and unknown (e.g. --mask center --invert-mask fills the centre)")
-    ed.add_argument("--method", default="replace", choices=("replace", "repaint"), help="inpainting: replacement or RePaint")
+    ed.add_argument("--method", default="replace", choices=METHODS,
+                    help="inpainting: replacement, RePaint or smc (replacement with particles: SMCDiff)")
+    ed.add_argument("--particles", type=int, default=16, help="smc: particles per input (default 16; 1 = replacement)")
     ed.add_argument("--jump-length", type=int, default=10, help="RePaint: steps per segment (default 10)")
     ed.add_argument("--jump-n-sample", type=int, default=10, help="RePaint: times each segment is sampled (default 10)")
     ed.add_argument("--reconstruction", type=float, default=0.0, metavar="W",

@@ -13,6 +13,16 @@ any sampler of samplers.SAMPLERS, which do not change.
   scale-free form), so known and generated parts harmonise. The sampler runs on each segment as
   on a grid of its own: multistep solvers restart their history there, and edm_sde's churn
   S_churn / N counts the segment's steps.
+* `inpaint(..., method="smc")`: replacement made asymptotically exact by sequential Monte Carlo
+  (SMCDiff, Trippe et al. 2023, 'Diffusion probabilistic modeling of protein backbones in 3D for the
+  motif-scaffolding problem', Algorithm 2): one forward path of the known part per input,
+  x~_K(sigma_i) = x~_K(sigma_{i+1}) + sqrt(sigma_i^2 - sigma_{i+1}^2) z from x~_K(0) = y, shared by its
+  `particles` particles; each particle's unknown part takes the model's ancestral step (DDPM's with the
+  posterior variance, `_ancestral`) and is weighted by the model's density of the path's next known
+  values, p(x~_K(sigma_{i+1}) | x_i); particles are resampled (`systematic_resample`) when the effective
+  sample size falls below `ess_threshold` of them, and one is drawn per input at the end. One particle is
+  replacement with DDPM's posterior-variance step; as the particles grow the output tends to the
+  model's own conditional law (Trippe et al., Theorem 1), which plain replacement misses.
 * `sdedit`: SDEdit (Meng et al. 2022): noise the input to the grid level sigma(S) at which the last
   ceil(S N) of the N steps begin (S = strength in (0, 1]), then sample back.
 * `encode` / `decode`: the deterministic probability-flow ODE (DDIM inversion; Song et al. 2021a,
@@ -36,7 +46,7 @@ MAX_REPAINT_STEPS = 100_000  # steps x resamplings of one RePaint run (RePaint's
 Tensor = torch.Tensor
 
 MASKS = ("left", "right", "top", "bottom", "center")
-METHODS = ("replace", "repaint")
+METHODS = ("replace", "repaint", "smc")
 
 
 def make_mask(spec: str, shape: tuple) -> Tensor:
@@ -120,10 +130,11 @@ def reconstruction_guided(denoiser, y: Tensor, mask: Tensor, weight: float, sigm
 
 def inpaint(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, sampler: str = "heun", *, method: str = "replace",
             jump_length: int = 10, jump_n_sample: int = 10, reconstruction: float = 0.0, sigma_data: float = 0.5,
-            generator=None, callback=None, **options) -> Tensor:
-    """Samples of the unknown part given y on the mask, by replacement or RePaint (see the module doc),
-    optionally with reconstruction guidance of that weight (`reconstruction_guided`), with any sampler on
-    the grid `sigmas` (sigma_max -> 0). Returns x with x[mask] == y[mask] exactly."""
+            particles: int = 16, ess_threshold: float = 0.5, generator=None, callback=None, **options) -> Tensor:
+    """Samples of the unknown part given y on the mask, by replacement, RePaint or SMC (see the module doc),
+    replacement and RePaint optionally with reconstruction guidance of that weight (`reconstruction_guided`),
+    with any sampler on the grid `sigmas` (sigma_max -> 0); SMC steps with `_ancestral` (sampler 'ddpm' with
+    the posterior variance). Returns x with x[mask] == y[mask] exactly."""
     if method not in METHODS:
         raise ValueError(f"inpainting method={method!r}; allowed: {', '.join(METHODS)}")
     if jump_length < 1 or jump_n_sample < 1:
@@ -135,6 +146,12 @@ def inpaint(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, sampler: str = "h
     if not (math.isfinite(reconstruction) and reconstruction >= 0):
         raise ValueError(f"reconstruction={reconstruction} must be a finite weight >= 0 (0: off)")
     mask = mask.to(y.device).expand_as(y)
+    if method == "smc":
+        if sampler != "ddpm" or options or reconstruction:
+            raise ValueError(f"method='smc' steps by its own ancestral transition (sampler 'ddpm' with the posterior "
+                             f"variance), which its weights assume; got sampler={sampler!r}, options {options or '{}'}, "
+                             f"reconstruction={reconstruction}")
+        return torch.where(mask, y, smc(denoiser, y, mask, sigmas, particles, ess_threshold, generator, callback))
     D = reconstruction_guided(denoiser, y, mask, reconstruction, sigma_data) if reconstruction else known(denoiser, y, mask)
     solve = SAMPLERS[sampler]
     levels = sigmas.tolist()
@@ -151,6 +168,70 @@ def inpaint(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, sampler: str = "h
                     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                     x = x + math.sqrt(levels[i] ** 2 - levels[j] ** 2) * noise
     return torch.where(mask, y, x)
+
+
+def _ancestral(sigma: float, sigma_next: float) -> tuple[float, float]:
+    """(r, v) of the ancestral step x_next ~ N(D + r (x - D), v I): the forward process's posterior
+    q(x~_next | x~, x0 = D) in scale-free form, r = sigma_next^2 / sigma^2, v = sigma_next^2 (sigma^2 - sigma_next^2) /
+    sigma^2 (samplers.ddpm with variance='beta_tilde'; DDIM with eta = 1)."""
+    return sigma_next**2 / sigma**2, sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
+
+
+def systematic_resample(weights: Tensor, generator=None) -> Tensor:
+    """Systematic resampling (Kitagawa 1996) of each row of normalised weights (B, P): one uniform u per row,
+    the indices at the cumulative weights' positions (k + u) / P, k = 0..P-1. Particle j is kept
+    floor(P w_j) or ceil(P w_j) times, P w_j on average. Returns indices (B, P)."""
+    B, P = weights.shape
+    u = torch.rand(B, 1, generator=generator, dtype=weights.dtype, device=weights.device)
+    positions = (u + torch.arange(P, dtype=weights.dtype, device=weights.device)) / P
+    return torch.searchsorted(weights.cumsum(-1).contiguous(), positions.contiguous()).clamp_max(P - 1)
+
+
+def smc(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, particles: int, ess_threshold: float = 0.5,
+        generator=None, callback=None) -> Tensor:
+    """SMC-corrected replacement (module doc; Trippe et al. 2023, Algorithm 2): y, mask (B, ...) -> one sample
+    (B, ...) per input; its known part is the path's value at the grid's last level (y when that is 0).
+    The step to sigma = 0 is the model's mean D and carries no weight (its density is a point mass).
+    `callback` gets i, x (the B * particles states), sigma, denoised and ess (B,) after each step's weighting
+    (None on the unweighted last step)."""
+    if not (isinstance(particles, int) and 1 <= particles <= 100_000):
+        raise ValueError(f"particles={particles} must be an integer in [1, 100000]")
+    if not 0 <= ess_threshold <= 1:
+        raise ValueError(f"ess_threshold={ess_threshold} must lie in [0, 1] (resample when ESS < it x particles)")
+    levels = sigmas.tolist()
+    if not math.isfinite(levels[0]):
+        raise ValueError("method='smc' needs a grid with a finite sigma_max (this one starts at sigma = inf)")
+    B, P, shape = len(y), particles, tuple(y.shape[1:])
+    noise = lambda *lead: torch.randn(*lead, *shape, generator=generator, device=y.device, dtype=y.dtype)
+    path = [y]  # the known part's forward path, from the last level up (one per input, shared by its particles)
+    for s_hi, s_lo in zip(levels[-2::-1], levels[:0:-1]):
+        path.append(path[-1] + math.sqrt(s_hi**2 - s_lo**2) * noise(B))
+    path = path[::-1]
+    known = mask.expand(B, *shape)[:, None]
+    x = torch.where(known, path[0][:, None], levels[0] * noise(B, P))  # (B, P, ...)
+    log_w = y.new_zeros(B, P)
+    for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
+        denoised = denoiser(x.flatten(0, 1), x.new_full((B * P,), sigma)).reshape(x.shape)
+        r, v = _ancestral(sigma, sigma_next)
+        mean = denoised + r * (x - denoised)
+        if v > 0:
+            gap = torch.where(known, path[i + 1][:, None] - mean, torch.zeros_like(mean))
+            log_w = log_w - gap.flatten(2).pow(2).sum(-1) / (2 * v)
+            x = torch.where(known, path[i + 1][:, None], mean + math.sqrt(v) * noise(B, P))
+        else:
+            x = torch.where(known, path[i + 1][:, None], mean)
+        w = torch.softmax(log_w, dim=-1)
+        ess = 1 / w.pow(2).sum(-1)
+        if callback is not None:
+            callback(dict(i=i, x=x.flatten(0, 1), sigma=sigma, denoised=denoised.flatten(0, 1), ess=ess if v > 0 else None))
+        low = ess < ess_threshold * P
+        if v > 0 and bool(low.any()):
+            index = systematic_resample(w, generator)
+            picked = torch.gather(x, 1, index.reshape(B, P, *[1] * len(shape)).expand_as(x))
+            x = torch.where(low.reshape(B, 1, *[1] * len(shape)), picked, x)
+            log_w = torch.where(low[:, None], torch.zeros_like(log_w), log_w)
+    pick = torch.multinomial(torch.softmax(log_w, dim=-1), 1, generator=generator)[:, 0]
+    return x[torch.arange(B, device=y.device), pick]
 
 
 def sdedit_start(sigmas: Tensor, strength: float) -> int:
