@@ -249,7 +249,7 @@ def cmd_edit(args) -> int:
             z = edit.encode(D, y, p.sigmas)
             x = edit.decode(D, z, p.sigmas)
             rmse = float((x - y).pow(2).mean().sqrt())
-            report = (f"probability-flow ODE encode + decode ({len(p.sigmas) - 2} Heun steps each way): round-trip RMSE "
+            report = (f"probability-flow ODE encode + decode ({int(((p.sigmas > 0) & p.sigmas.isfinite()).sum()) - 1} Heun steps each way): round-trip RMSE "
                       f"{rmse:.3g} ({rmse / float(y.std()):.3g} of the data's std)")
             arrays["latent"], shown = z.numpy(), z.clamp(-3, 3) / 3
     from .evaluate import check_finite

@@ -103,6 +103,12 @@ def make_mask(spec: str, shape: tuple) -> Tensor:
     return m
 
 
+def _noised(y, sigma: float, noise: Tensor) -> Tensor:
+    """y + sigma noise, the forward process in scale-free form; at sigma = inf the unit noise itself, the state of
+    a zero-terminal-SNR grid's start, where nothing of y is left (samplers.initial_state)."""
+    return noise if math.isinf(sigma) else y + sigma * noise
+
+
 def known(denoiser, y: Tensor, mask: Tensor):
     """D'(x, sigma) = y where mask, D(x, sigma) elsewhere (mask broadcasts against y)."""
     return lambda x, sigma: torch.where(mask, y, denoiser(x, sigma))
@@ -155,7 +161,7 @@ def inpaint(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, sampler: str = "h
     D = reconstruction_guided(denoiser, y, mask, reconstruction, sigma_data) if reconstruction else known(denoiser, y, mask)
     solve = SAMPLERS[sampler]
     levels = sigmas.tolist()
-    x = torch.where(mask, y, torch.zeros_like(y)) + levels[0] * torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    x = _noised(torch.where(mask, y, torch.zeros_like(y)), levels[0], torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype))
     if method == "replace":
         x = solve(D, x, sigmas, generator=generator, callback=callback, **options)
     else:
@@ -166,14 +172,17 @@ def inpaint(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, sampler: str = "h
                 x = solve(D, x, sigmas[i:j + 1], generator=generator, callback=callback, **options)
                 if r + 1 < jump_n_sample:  # jump back up from sigma_j to sigma_i
                     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    x = x + math.sqrt(levels[i] ** 2 - levels[j] ** 2) * noise
+                    x = _noised(x, math.sqrt(levels[i] ** 2 - levels[j] ** 2), noise)
     return torch.where(mask, y, x)
 
 
 def _ancestral(sigma: float, sigma_next: float) -> tuple[float, float]:
     """(r, v) of the ancestral step x_next ~ N(D + r (x - D), v I): the forward process's posterior
     q(x~_next | x~, x0 = D) in scale-free form, r = sigma_next^2 / sigma^2, v = sigma_next^2 (sigma^2 - sigma_next^2) /
-    sigma^2 (samplers.ddpm with variance='beta_tilde'; DDIM with eta = 1)."""
+    sigma^2 (samplers.ddpm with variance='beta_tilde'; DDIM with eta = 1); from sigma = inf, (0, sigma_next^2)
+    (samplers.step_from_infinity with eta = 1)."""
+    if math.isinf(sigma):
+        return 0.0, sigma_next**2
     return sigma_next**2 / sigma**2, sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2
 
 
@@ -199,16 +208,14 @@ def smc(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, particles: int, ess_t
     if not 0 <= ess_threshold <= 1:
         raise ValueError(f"ess_threshold={ess_threshold} must lie in [0, 1] (resample when ESS < it x particles)")
     levels = sigmas.tolist()
-    if not math.isfinite(levels[0]):
-        raise ValueError("method='smc' needs a grid with a finite sigma_max (this one starts at sigma = inf)")
     B, P, shape = len(y), particles, tuple(y.shape[1:])
     noise = lambda *lead: torch.randn(*lead, *shape, generator=generator, device=y.device, dtype=y.dtype)
     path = [y]  # the known part's forward path, from the last level up (one per input, shared by its particles)
     for s_hi, s_lo in zip(levels[-2::-1], levels[:0:-1]):
-        path.append(path[-1] + math.sqrt(s_hi**2 - s_lo**2) * noise(B))
+        path.append(_noised(path[-1], math.sqrt(s_hi**2 - s_lo**2), noise(B)))
     path = path[::-1]
     known = mask.expand(B, *shape)[:, None]
-    x = torch.where(known, path[0][:, None], levels[0] * noise(B, P))  # (B, P, ...)
+    x = torch.where(known, path[0][:, None], _noised(0.0, levels[0], noise(B, P)))  # (B, P, ...)
     log_w = y.new_zeros(B, P)
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
         denoised = denoiser(x.flatten(0, 1), x.new_full((B * P,), sigma)).reshape(x.shape)
@@ -248,14 +255,14 @@ def sdedit(denoiser, y: Tensor, sigmas: Tensor, strength: float, sampler: str = 
     """SDEdit (Meng et al. 2022): x = y + sigma(S) eps at sigma(S) = sigmas[sdedit_start], then the sampler
     down the rest of the grid."""
     grid = sigmas[sdedit_start(sigmas, strength):]
-    x = y + float(grid[0]) * torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+    x = _noised(y, float(grid[0]), torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype))
     return SAMPLERS[sampler](denoiser, x, grid, generator=generator, callback=callback, **options)
 
 
 def encode(denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
     """The probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma run upwards with Heun steps over the
-    positive levels of `sigmas` (x taken as the state at the smallest one): the latent at the largest."""
-    levels = sorted(s for s in sigmas.tolist() if s > 0)
+    positive finite levels of `sigmas` (x taken as the state at the smallest one): the latent at the largest."""
+    levels = sorted(s for s in sigmas.tolist() if 0 < s < math.inf)
     for s, s_next in zip(levels[:-1], levels[1:]):
         d = (x - denoiser(x, x.new_full((len(x),), s))) / s
         x_euler = x + (s_next - s) * d
@@ -266,4 +273,4 @@ def encode(denoiser, x: Tensor, sigmas: Tensor) -> Tensor:
 
 def decode(denoiser, z: Tensor, sigmas: Tensor) -> Tensor:
     """The inverse of `encode`: Heun (samplers.heun) down the same positive levels, to the smallest."""
-    return heun(denoiser, z, sigmas[sigmas > 0])
+    return heun(denoiser, z, sigmas[(sigmas > 0) & sigmas.isfinite()])

@@ -393,6 +393,13 @@ def test_cli_trains_and_samples_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     x = np.load(out / "samples" / "sample.npz")["x"]
     assert x.shape == (200, 2) and np.isfinite(x).all() and 0.2 < x.std() < 3
+    # every edit of a model whose grid starts at sigma = inf: the known coordinate kept, every output finite
+    for args in (["--mask", "left"], ["--mask", "left", "--method", "repaint", "--jump-n-sample", "2"],
+                 ["--mask", "right", "--method", "smc", "--particles", "4", "--nfe", "20"], ["--strength", "1"], ["--invert"]):
+        r = run("edit", str(out), "--input", "ring8", "--n", "16", "--nfe", "10", *args, "--out", str(tmp_path / "e.png"))
+        assert r.returncode == 0, (args, r.stderr)
+        f = np.load(tmp_path / "e.npz")
+        assert np.isfinite(f["x"]).all() and ("--mask" not in args or "known values changed: 0" in r.stdout), args
 
 
 def test_model_vlb_at_zero_terminal_snr_is_the_limit():
