@@ -222,11 +222,14 @@ def cmd_edit(args) -> int:
             mask = edit.make_mask(args.mask, model.shape)
             mask = ~mask if args.invert_mask else mask
             if args.method == "smc":  # the network batch is inputs x particles: inputs in chunks that fit sample.batch
-                ess = []
-                chunk = max(1, settings.batch // args.particles)
-                x = torch.cat([edit.inpaint(D, y[k:k + chunk], mask, p.sigmas, "ddpm", method="smc", particles=args.particles,
-                                            generator=g, callback=lambda info: info["ess"] is None or ess.append(info["ess"]))
-                               for k in range(0, len(y), chunk)])
+                ess, parts, chunk = [], [], max(1, settings.batch // args.particles)
+                weak = load_model(settings.guide_run)[0] if settings.guide_run else None  # loaded once, not per chunk
+                for k in range(0, len(y), chunk):  # each particle (rows b * P .. b * P + P - 1) has its input's label
+                    rows = None if labels is None else labels[k:k + chunk].repeat_interleave(args.particles)
+                    parts.append(edit.inpaint(guided_denoiser(model, settings, rows, weak=weak)[0], y[k:k + chunk], mask,
+                                              p.sigmas, "ddpm", method="smc", particles=args.particles, generator=g,
+                                              callback=lambda info: info["ess"] is None or ess.append(info["ess"])))
+                x = torch.cat(parts)
                 ess = torch.cat(ess) / args.particles
                 method = (f"smc ({args.particles} particles per input, {len(p.sigmas) - 1} ancestral steps = "
                           f"{(len(p.sigmas) - 1) * args.particles} network evaluations per input; effective sample size "
