@@ -216,14 +216,14 @@ def smc(denoiser, y: Tensor, mask: Tensor, sigmas: Tensor, particles: int, ess_t
     path = path[::-1]
     known = mask.expand(B, *shape)[:, None]
     x = torch.where(known, path[0][:, None], _noised(0.0, levels[0], noise(B, P)))  # (B, P, ...)
-    log_w = y.new_zeros(B, P)
+    log_w = torch.zeros(B, P, dtype=torch.float64, device=y.device)  # float64: large terms at small sigma
     for i, (sigma, sigma_next) in enumerate(zip(levels[:-1], levels[1:])):
         denoised = denoiser(x.flatten(0, 1), x.new_full((B * P,), sigma)).reshape(x.shape)
         r, v = _ancestral(sigma, sigma_next)
         mean = denoised + r * (x - denoised)
         if v > 0:
             gap = torch.where(known, path[i + 1][:, None] - mean, torch.zeros_like(mean))
-            log_w = log_w - gap.flatten(2).pow(2).sum(-1) / (2 * v)
+            log_w = log_w - gap.flatten(2).double().pow(2).sum(-1) / (2 * v)
             x = torch.where(known, path[i + 1][:, None], mean + math.sqrt(v) * noise(B, P))
         else:
             x = torch.where(known, path[i + 1][:, None], mean)
