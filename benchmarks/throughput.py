@@ -10,7 +10,8 @@ Measured per layout, same batch, same threads, repetitions interleaved (A B A B 
 the machine hits both alike; the median of each is printed with its ratio to diffusers:
 * train img/s: forward + MSE loss + backward + AdamW step on random data;
 * ms per network evaluation: one no-grad forward of the batch (what a sampler spends per NFE).
-diffspace is run as it trains (eager, then channels_last, and with --compile torch.compile). On a
+diffspace is run as it trains (eager, then channels_last); with --compile both libraries are also
+timed at their best, channels_last + torch.compile. On a
 GPU (--device cuda) the train step runs under bf16 autocast for both and MFU is printed from the
 forward + backward FLOPs counted by torch.utils.flop_counter and the --peak-tflops given.
 diffusers is a benchmark-only dependency (`pip install -e .[bench]`).
@@ -109,8 +110,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, batch {args.batch}, "
           f"{reps} interleaved repetitions (median)\n")
     print("| layout | network | parameters | train img/s | x diffusers | ms / evaluation | x diffusers |" +
-          (" MFU |" if device.type == "cuda" else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else ""))
+          (" MFU | peak GiB (train step) |" if device.type == "cuda" else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if device.type == "cuda" else ""))
     for name in layouts:
         layout = LAYOUTS[name]
         torch.manual_seed(0)
@@ -121,14 +122,23 @@ def main() -> None:
         cases = [Case("diffusers UNet2DModel", diffusers_net(layout), theirs, device),
                  Case("diffspace UNet", diffspace_net(layout), ours, device),
                  Case("diffspace UNet, channels_last", diffspace_net(layout), ours, device, channels_last=True)]
-        if args.compile:
-            cases.append(Case("diffspace UNet, compiled", diffspace_net(layout), ours, device, compile_=True))
+        if args.compile:  # each library at its best: channels_last and torch.compile
+            cases += [Case("diffusers UNet2DModel, channels_last + compiled", diffusers_net(layout), theirs, device,
+                           channels_last=True, compile_=True),
+                      Case("diffspace UNet, channels_last + compiled", diffspace_net(layout), ours, device,
+                           channels_last=True, compile_=True)]
         inputs = {c.name: (x.contiguous(memory_format=c.layout), t) for c in cases}
         train_s = {c.name: [] for c in cases}
         eval_s = {c.name: [] for c in cases}
-        for c in cases:  # warm-up (and compilation)
+        memory = {}
+        for c in cases:  # warm-up (and compilation), then one step's peak memory
             c.step(*inputs[c.name])
             c.evaluate(*inputs[c.name])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                c.step(*inputs[c.name])
+                memory[c.name] = torch.cuda.max_memory_allocated() / 2**30
         for _ in range(reps):
             for c in cases:
                 train_s[c.name].append(timed(lambda: c.step(*inputs[c.name]), device))
@@ -139,10 +149,8 @@ def main() -> None:
             row = (f"| {name} | {c.name} | {c.params / 1e6:.2f} M | {args.batch / tr:.1f} | {base_train / tr:.2f} | "
                    f"{1e3 * ev:.1f} | {base_eval / ev:.2f} |")
             if device.type == "cuda":
-                row += f" {100 * flops(c, *inputs[c.name]) / tr / (args.peak_tflops * 1e12):.1f}% |"
+                row += f" {100 * flops(c, *inputs[c.name]) / tr / (args.peak_tflops * 1e12):.1f}% | {memory[c.name]:.2f} |"
             print(row)
-        if device.type == "cuda":
-            print(f"\npeak memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     print("\nx diffusers: diffusers' time / this row's time (> 1: faster than diffusers).")
 
 
