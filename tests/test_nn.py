@@ -202,6 +202,25 @@ def test_attention_path():
     assert not torch.allclose(before, net(x, c))
 
 
+@pytest.mark.parametrize("Net", [UNet, MPUNet])
+def test_attention_runs_on_a_fused_kernel(Net):
+    """With only the flash kernel allowed, both U-Nets' attention runs (q, k, v with a contiguous last
+    dim; else SDPA refuses, and by default falls back to the math path that stores the (H*W)^2 matrix)
+    and agrees with the math path to float rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    net = perturb_(Net(3, base_channels=16, channel_mult=(1, 2), num_blocks=1, image_size=8,
+                       attention_resolutions=(8, 4))).eval()
+    x, c = torch.randn(2, 3, 8, 8), torch.randn(2)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        fused = net(x, c)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        math_path = net(x, c)
+    assert torch.allclose(fused, math_path, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(fused, torch.zeros_like(fused))
+
+
 def test_count_and_describe():
     net = MLP(2, hidden=16, depth=1, emb_dim=8, embedding="fourier")
     assert count_parameters(net) == sum(p.numel() for p in net.parameters())

@@ -146,7 +146,8 @@ class Block(nn.Module):
         if self.num_heads:
             B, C, H, W = x.shape
             qkv = self.attn_qkv(x).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
-            q, k, v = normalize(qkv, dim=3).transpose(-1, -2).unbind(dim=1)  # (B, heads, H*W, d) each
+            q, k, v = normalize(qkv, dim=3).transpose(-1, -2).contiguous().unbind(dim=1)  # (B, heads, H*W, d), d contiguous
+            # (the fused attention kernels need it; unet.Attention)
             y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
             x = mp_sum(x, self.attn_proj(y.transpose(-1, -2).reshape(B, C, H, W)), self.attn_balance)
         return x if self.clip_act is None else x.clamp(-self.clip_act, self.clip_act)

@@ -85,7 +85,9 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, H*W, d)
+        # each (B, heads, H*W, d), d contiguous: the fused kernels (flash, memory-efficient) need it, and
+        # without them SDPA falls back to the math path, which stores the (H*W)^2 attention matrix
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(dim=1)
         h = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
