@@ -62,7 +62,11 @@ BATCH = 128  # the budgets are steps of this batch: images = BATCH x budget, wha
 COMMON = {"data.spec": "digits", "model.base_channels": 24, "model.channel_mult": [1, 2], "model.num_blocks": 1,
           "train.batch_size": 128, "train.warmup": 100, "train.phema": [0.05, 0.2], "log.every": 100, "log.keep": 1}
 EDM = {"model.preset": "edm", "train.lr": 2e-3}
-PEER_SAMPLERS, EDM_SAMPLERS = ("dpmpp_2m", "unipc"), ("deis_pc", "heun")
+PEER_SAMPLERS, EDM_SAMPLERS = ("dpmpp_2m", "unipc", "edm_sde"), ("deis_pc", "heun", "edm_sde")
+# EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) with churn between their ImageNet-64 S_tmin and S_tmax
+# (Table 5); S_churn = 5 from a sweep on one digits model (benchmarks/README.md: 2 / 5 / >= 10 gave FD 1.75 / 1.68 / 1.97
+# at 35 NFE, deis_pc 1.80; within the spread of two sample sets)
+SAMPLER_OPTIONS = {"edm_sde": {"S_churn": 5, "S_tmin": 0.05, "S_tmax": 50.0}}
 RECIPES = {  # name: (overrides, samplers tried at each NFE)
     "diffusers": ({"model.network": "diffusers", "model.preset": "ddpm", "train.lr": 6e-3}, PEER_SAMPLERS),
     "edm": (EDM, EDM_SAMPLERS),  # the demo's recipe before issue 16
@@ -75,6 +79,8 @@ RECIPES = {  # name: (overrides, samplers tried at each NFE)
     "edm-u-plow": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -1.6}}, EDM_SAMPLERS),  # fewer high noise levels
     "edm-u-phigh": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6}}, EDM_SAMPLERS),  # more
     "edm-u-phigher": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.2}}, EDM_SAMPLERS),
+    # P_std: EDM2's pixel ImageNet-64 presets (Karras et al. 2024: P_mean -0.8, P_std 1.6)
+    "edm-u-px64": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.8, "P_std": 1.6}}, EDM_SAMPLERS),
     "edm-isqrt": ({**EDM, "train.lr": 4e-3, "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": 600}, EDM_SAMPLERS),
 }
 NFES = (10, 20, 35)  # network evaluations per sample (an autoguided step costs two)
@@ -143,9 +149,10 @@ def measure(models: dict, n: int, samplers, real, net, halves, digits, floor_of,
     def draw(sigma_rel, guide, sampler, nfe, size, seed):
         """size samples of EMA sigma_rel, unguided (guide None) or autoguided (guide (sigma_rel, w)), in at
         most nfe network evaluations each: an autoguided step evaluates the model and its guide."""
+        options = SAMPLER_OPTIONS.get(sampler, {})
         if guide is None:
-            return sample(models[sigma_rel], size, SampleConfig(sampler=sampler, nfe=nfe, seed=seed))
-        cfg = SampleConfig(sampler=sampler, nfe=nfe // 2, seed=seed, guidance=guide[1])
+            return sample(models[sigma_rel], size, SampleConfig(sampler=sampler, nfe=nfe, seed=seed, options=options))
+        cfg = SampleConfig(sampler=sampler, nfe=nfe // 2, seed=seed, guidance=guide[1], options=options)
         return sample(models[sigma_rel], size, cfg, guide=guides[guide[0]])
 
     def metrics(sigma_rel, guide, sampler, nfe):

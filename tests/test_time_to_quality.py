@@ -95,3 +95,30 @@ def test_recipe_names_carry_a_rate_and_autoguidance():
             assert repr(bad) in str(e) and "allowed" in str(e)
         else:
             raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_every_benchmark_sampler_runs_within_each_budget_of_evaluations():
+    """Each recipe's samplers with the benchmark's options (edm_sde's churn) on its preset: a plan at
+    every NFE column that spends at most that many evaluations, counted while sampling a toy denoiser,
+    and the churn really adds noise (two seeds differ where the deterministic heun would not)."""
+    import torch
+
+    from diffspace.config import SampleConfig
+    from diffspace.presets import get_preset
+    from diffspace.sampling import plan
+    from diffspace.samplers import SAMPLERS
+
+    for preset, samplers in (("edm", ttq.EDM_SAMPLERS), ("ddpm", ttq.PEER_SAMPLERS)):
+        for name in samplers:
+            for nfe in ttq.NFES:
+                p = plan(get_preset(preset), SampleConfig(sampler=name, nfe=nfe, options=ttq.SAMPLER_OPTIONS.get(name, {})))
+                calls = []
+                denoiser = lambda x, s: calls.append(1) or 0.5 * x / (1 + s.reshape(-1, 1) ** 2)  # noqa: E731
+                x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0)) * float(p.sigmas[0])
+                SAMPLERS[p.sampler](denoiser, x, p.sigmas, generator=torch.Generator().manual_seed(1), **dict(p.options))
+                assert 0 < len(calls) <= nfe, (preset, name, nfe, len(calls))
+    p = plan(get_preset("edm"), SampleConfig(sampler="edm_sde", nfe=35, options=ttq.SAMPLER_OPTIONS["edm_sde"]))
+    x = torch.ones(4, 2) * float(p.sigmas[0])
+    a, b = (SAMPLERS["edm_sde"](lambda y, s: y / (1 + s.reshape(-1, 1) ** 2), x, p.sigmas, generator=torch.Generator().manual_seed(k), **dict(p.options))
+            for k in (1, 2))
+    assert not torch.allclose(a, b)
