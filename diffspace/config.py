@@ -54,6 +54,7 @@ class ModelConfig:
     num_blocks: int = 2
     attention: list = field(default_factory=list)  # resolutions with self-attention
     dropout: float = 0.0
+    scale_shift: bool = True  # diffspace's U-Net: ADM's scale-shift norm of the conditioning; false: DDPM's addition after the first conv (Ho et al. 2020)
     latent_channels: int = 4  # autoencoder: channels of z (spatial size: the image's / 2^(len(channel_mult) - 1))
     kl_weight: float = 1e-3  # autoencoder: beta on KL(q(z | x) || N(0, I)) per latent entry, beside the per-pixel MSE
     hidden: int = 256  # MLP

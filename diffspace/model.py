@@ -289,6 +289,9 @@ def build_network(cfg: ModelConfig, shape: tuple, num_classes: int = 0, out_fact
                                     dropout=cfg.dropout, num_classes=num_classes, groups=group_count(cfg.base_channels))
     if cfg.network == "mp" and len(shape) != 3:
         raise ValueError(f"model.network='mp' (EDM2's magnitude-preserving U-Net) needs (C, H, W) images; got data of shape {shape}")
+    if not cfg.scale_shift and (len(shape) != 3 or cfg.network):
+        raise ValueError(f"model.scale_shift=false (DDPM's added conditioning) is an option of diffspace's U-Net "
+                         f"(model.network=''); got data of shape {shape}, model.network={cfg.network!r}")
     if cfg.augment and (len(shape) != 3 or cfg.network):
         raise ValueError(f"model.augment={cfg.augment} (non-leaking augmentation) needs images and diffspace's U-Net "
                          f"(model.network=''); got data of shape {shape}, model.network={cfg.network!r}")
@@ -297,7 +300,7 @@ def build_network(cfg: ModelConfig, shape: tuple, num_classes: int = 0, out_fact
         net = (MPUNet if cfg.network == "mp" else UNet)(
             shape[0], out, base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
             attention_resolutions=tuple(cfg.attention), image_size=shape[1], dropout=cfg.dropout, num_classes=classes,
-            **augment)
+            **augment, **({} if cfg.scale_shift else {"scale_shift": False}))
     elif len(shape) == 1:
         net = MLP(shape[0], hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout, num_classes=classes, out_dim=out)
     else:

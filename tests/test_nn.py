@@ -68,6 +68,7 @@ def test_group_count():
 # -- zero init and training ---------------------------------------------------------------------------
 @pytest.mark.parametrize("make, shape", [
     (lambda: UNet(1, base_channels=16, channel_mult=(1, 2), image_size=8, attention_resolutions=(4,)), (4, 1, 8, 8)),
+    (lambda: UNet(1, base_channels=16, channel_mult=(1, 2), image_size=8, scale_shift=False), (4, 1, 8, 8)),
     (lambda: MLP(2, hidden=32, depth=2), (4, 2)),
 ])
 def test_zero_init_then_moves(make, shape):
@@ -90,6 +91,8 @@ def test_unet_zero_inits_resblock_tail():
 # -- conditioning is used -----------------------------------------------------------------------------
 @pytest.mark.parametrize("make, shape", [
     (lambda: UNet(1, base_channels=16, channel_mult=(1, 2), num_blocks=1, image_size=8, num_classes=4), (3, 1, 8, 8)),
+    (lambda: UNet(1, base_channels=16, channel_mult=(1, 2), num_blocks=1, image_size=8, num_classes=4, scale_shift=False),
+     (3, 1, 8, 8)),
     (lambda: MLP(2, hidden=32, depth=2, num_classes=4), (3, 2)),
 ])
 def test_uses_noise_cond_and_labels(make, shape):
@@ -107,6 +110,53 @@ def test_labels_without_classes_raise():
     net = MLP(2, hidden=16, depth=1)
     with pytest.raises(ValueError, match="num_classes"):
         net(torch.randn(2, 2), torch.randn(2), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_resblock_is_its_formula(scale_shift):
+    """ADM: skip(x) + conv2(SiLU(GN(h) (1 + scale) + shift)); DDPM: skip(x) + conv2(SiLU(GN(h + b))), h = conv1(SiLU(GN(x))),
+    written out here with torch.nn.functional and the block's own weights (float64)."""
+    import torch.nn.functional as F
+
+    from diffspace.nn.unet import ResBlock
+
+    torch.manual_seed(0)
+    block = perturb_(ResBlock(8, 16, 12, scale_shift=scale_shift)).double()
+    x, emb = torch.randn(3, 8, 5, 5, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+    gn = lambda z, m: F.group_norm(z, m.num_groups, m.weight, m.bias, m.eps)  # noqa: E731
+    conv = lambda z, m, pad: F.conv2d(z, m.weight, m.bias, padding=pad)  # noqa: E731
+    h = conv(F.silu(gn(x, block.norm1)), block.conv1, 1)
+    e = F.linear(F.silu(emb), block.emb_proj.weight, block.emb_proj.bias)[:, :, None, None]
+    h = gn(h, block.norm2) * (1 + e[:, :16]) + e[:, 16:] if scale_shift else gn(h + e, block.norm2)
+    expected = conv(x, block.skip, 0) + conv(F.silu(h), block.conv2, 1)
+    torch.testing.assert_close(block(x, emb), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_cifar10_ddpm_recipe_has_ddpms_parameter_count():
+    """configs/cifar10-ddpm.toml's network: Ho et al. (2020) report 35.7 M parameters for CIFAR-10
+    (sec. 4 / appendix B), with DDPM's added conditioning (model.scale_shift = false)."""
+    import tomllib
+    from pathlib import Path
+
+    from diffspace.config import Config, set_option
+    from diffspace.model import build_network
+
+    recipe = tomllib.loads((Path(__file__).parents[1] / "configs" / "cifar10-ddpm.toml").read_text())
+    cfg = Config()
+    for key, value in recipe["model"].items():
+        set_option(cfg, f"model.{key}", value)
+    params = count_parameters(build_network(cfg.model, (3, 32, 32)))
+    assert round(params / 1e6, 1) == 35.7, params
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--data", "ring8"], ["model.scale_shift=false", "U-Net", "(2,)"]),
+    (["--data", "digits", "model.network=mp"], ["model.scale_shift=false", "model.network='mp'"]),
+])
+def test_ddpm_conditioning_elsewhere_is_a_one_line_error(tmp_path, args, words):
+    from conftest import one_line_error, run
+
+    one_line_error(run("train", *args, "model.scale_shift=false", "--steps", "2", "--out", tmp_path / "r", "--quiet"), *words)
 
 
 # -- embeddings ----------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ ADM's BigGAN-style variant (resampling inside a ResBlock, 'resblock_updown') is 
 the net small and plain.
 
 Every ResBlock takes the conditioning vector emb (noise embedding + class embedding, see
-`Conditioning`) through ADM's scale-shift norm: GroupNorm(h) (1 + scale) + shift.
+`Conditioning`) through ADM's scale-shift norm, GroupNorm(h) (1 + scale) + shift, or with
+scale_shift=False as DDPM does, added to the output of its first conv (Ho et al. 2020; diffusers'
+UNet2DModel default; their CIFAR-10 net then has DDPM's 35.7 M parameters).
 """
 
 from __future__ import annotations
@@ -49,14 +51,17 @@ def zero_(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """skip(x) + conv2(Dropout(SiLU(GroupNorm(conv1(SiLU(GroupNorm(x)))) (1 + scale) + shift)))
 
-    (scale, shift) = Linear(SiLU(emb)) (Dhariwal & Nichol 2021, 'use_scale_shift_norm'); conv2 starts
-    at zero; skip is a 1x1 conv when the channel count changes, else the identity."""
+    (scale, shift) = Linear(SiLU(emb)) (Dhariwal & Nichol 2021, 'use_scale_shift_norm'); with
+    scale_shift=False, DDPM's skip(x) + conv2(Dropout(SiLU(GroupNorm(conv1(SiLU(GroupNorm(x))) + b)))),
+    b = Linear(SiLU(emb)) (Ho et al. 2020). conv2 starts at zero; skip is a 1x1 conv when the
+    channel count changes, else the identity."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float = 0.0, scale_shift: bool = True):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_ch, 2 * out_ch)
+        self.emb_proj = nn.Linear(emb_ch, (2 if scale_shift else 1) * out_ch)
         self.norm2 = norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -64,8 +69,12 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -188,7 +197,8 @@ class UNet(nn.Module):
                  channel_mult: tuple = (1, 2, 2), num_blocks: int = 2, attention_resolutions: tuple = (),
                  image_size: int | None = None, dropout: float = 0.0, num_classes: int | None = None,
                  num_heads: int = 4, head_channels: int | None = None, embedding: str = "sinusoidal",
-                 emb_mult: int = 4, mid_attention: bool = True, conv_resample: bool = True, augment_dim: int = 0):
+                 emb_mult: int = 4, mid_attention: bool = True, conv_resample: bool = True, augment_dim: int = 0,
+                 scale_shift: bool = True):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -216,7 +226,7 @@ class UNet(nn.Module):
                            attention_resolutions=attention_resolutions, image_size=image_size, dropout=dropout,
                            num_classes=num_classes, num_heads=num_heads, head_channels=head_channels,
                            embedding=embedding, emb_mult=emb_mult, mid_attention=mid_attention,
-                           conv_resample=conv_resample, augment_dim=augment_dim)
+                           conv_resample=conv_resample, augment_dim=augment_dim, scale_shift=scale_shift)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         emb_ch = base_channels * emb_mult
         self.cond = Conditioning(2 * ((base_channels + 1) // 2), emb_ch, embedding, num_classes, augment_dim)
@@ -228,7 +238,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(channel_mult):
             res = resolutions[level] if resolutions else None
             for _ in range(num_blocks):
-                layers = [ResBlock(ch, base_channels * mult, emb_ch, dropout)]
+                layers = [ResBlock(ch, base_channels * mult, emb_ch, dropout, scale_shift)]
                 ch = base_channels * mult
                 if res in attention_resolutions:
                     layers.append(Attention(ch, heads(ch)))
@@ -238,10 +248,10 @@ class UNet(nn.Module):
                 self.down.append(EmbSequential(Downsample(ch, conv_resample)))
                 skip_chs.append(ch)
 
-        middle = [ResBlock(ch, ch, emb_ch, dropout)]
+        middle = [ResBlock(ch, ch, emb_ch, dropout, scale_shift)]
         if mid_attention:
             middle.append(Attention(ch, heads(ch)))
-        middle.append(ResBlock(ch, ch, emb_ch, dropout))
+        middle.append(ResBlock(ch, ch, emb_ch, dropout, scale_shift))
         self.mid = EmbSequential(*middle)
 
         # decoder: each ResBlock eats one skip; the last one of a level is followed by an upsampler
@@ -249,7 +259,7 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = resolutions[level] if resolutions else None
             for i in range(num_blocks + 1):
-                layers = [ResBlock(ch + skip_chs.pop(), base_channels * mult, emb_ch, dropout)]
+                layers = [ResBlock(ch + skip_chs.pop(), base_channels * mult, emb_ch, dropout, scale_shift)]
                 ch = base_channels * mult
                 if res in attention_resolutions:
                     layers.append(Attention(ch, heads(ch)))
