@@ -10,8 +10,10 @@ Measured per layout, same batch, same threads, repetitions interleaved (A B A B 
 the machine hits both alike; the median of each is printed with its ratio to diffusers:
 * train img/s: forward + MSE loss + backward + AdamW step on random data;
 * ms per network evaluation: one no-grad forward of the batch (what a sampler spends per NFE).
-diffspace is run as it trains (eager, then channels_last); with --compile both libraries are also
-timed at their best, channels_last + torch.compile. On a
+diffspace's U-Net is run with its default ADM scale-shift conditioning and with DDPM's added
+conditioning (model.scale_shift = false), which makes it UNet2DModel's architecture, parameter for
+parameter (35,746,307 in the cifar10 layout); eager, then channels_last. With --compile both
+libraries are also timed at their best, channels_last + torch.compile. On a
 GPU (--device cuda) the train step runs under bf16 autocast for both and MFU is printed from the
 forward + backward FLOPs counted by torch.utils.flop_counter and the --peak-tflops given.
 diffusers is a benchmark-only dependency (`pip install -e .[bench]`).
@@ -33,10 +35,12 @@ LAYOUTS = {
 }
 
 
-def diffspace_net(layout: dict) -> torch.nn.Module:
+def diffspace_net(layout: dict, scale_shift: bool = True) -> torch.nn.Module:
+    """scale_shift=False: DDPM's added conditioning, as UNet2DModel (equal parameters); True: ADM's scale-shift."""
     base = layout["channels"][0]
     return UNet(3, 3, base_channels=base, channel_mult=tuple(c // base for c in layout["channels"]),
-                num_blocks=layout["blocks"], attention_resolutions=(layout["attention"],), image_size=layout["size"])
+                num_blocks=layout["blocks"], attention_resolutions=(layout["attention"],), image_size=layout["size"],
+                scale_shift=scale_shift)
 
 
 def diffusers_net(layout: dict) -> torch.nn.Module:
@@ -120,13 +124,15 @@ def main() -> None:
         ours = lambda f, x, t: f(x, t)  # noqa: E731
         theirs = lambda f, x, t: f(x, t * 999).sample  # noqa: E731
         cases = [Case("diffusers UNet2DModel", diffusers_net(layout), theirs, device),
-                 Case("diffspace UNet", diffspace_net(layout), ours, device),
-                 Case("diffspace UNet, channels_last", diffspace_net(layout), ours, device, channels_last=True)]
+                 Case("diffspace UNet (ADM scale-shift)", diffspace_net(layout), ours, device),
+                 Case("diffspace UNet, DDPM conditioning", diffspace_net(layout, False), ours, device),
+                 Case("diffspace UNet, DDPM conditioning, channels_last", diffspace_net(layout, False), ours, device,
+                      channels_last=True)]
         if args.compile:  # each library at its best: channels_last and torch.compile
             cases += [Case("diffusers UNet2DModel, channels_last + compiled", diffusers_net(layout), theirs, device,
                            channels_last=True, compile_=True),
-                      Case("diffspace UNet, channels_last + compiled", diffspace_net(layout), ours, device,
-                           channels_last=True, compile_=True)]
+                      Case("diffspace UNet, DDPM conditioning, channels_last + compiled", diffspace_net(layout, False),
+                           ours, device, channels_last=True, compile_=True)]
         inputs = {c.name: (x.contiguous(memory_format=c.layout), t) for c in cases}
         train_s = {c.name: [] for c in cases}
         eval_s = {c.name: [] for c in cases}
