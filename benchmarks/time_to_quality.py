@@ -82,9 +82,11 @@ RECIPES = {  # name: (overrides, samplers tried at each NFE)
     # P_std: EDM2's pixel ImageNet-64 presets (Karras et al. 2024: P_mean -0.8, P_std 1.6)
     "edm-u-px64": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.8, "P_std": 1.6}}, EDM_SAMPLERS),
     "edm-isqrt": ({**EDM, "train.lr": 4e-3, "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": 600}, EDM_SAMPLERS),
-    # the demo's recipe with EDM2's inverse-sqrt decay from step 600: lr 2e-3 -> 1.6e-3 / 1.2e-3 / 8e-4 at the budgets
-    "edm-u-phigh-isqrt": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6},
-                           "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": 600}, EDM_SAMPLERS),
+    # the demo's recipe with EDM2's inverse-sqrt decay, lr 2e-3 / sqrt(step / ref) after step ref: from 600 ("isqrt"),
+    # 1.6e-3 / 1.2e-3 / 8e-4 at the three budgets; from 300, 1.15e-3 / 8.2e-4 / 5.8e-4; from 150, 8.2e-4 / 5.8e-4 / 4.1e-4
+    **{f"edm-u-phigh-isqrt{'' if ref == 600 else ref}": (
+        {**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6}, "train.lr_schedule": "inv-sqrt",
+         "train.lr_ref_steps": ref}, EDM_SAMPLERS) for ref in (600, 300, 150)},
 }
 NFES = (10, 20, 35)  # network evaluations per sample (an autoguided step costs two)
 GUIDE_EMAS, GUIDE_WEIGHTS = (0.10, 0.20), (1.5, 2.0, 2.5)  # '+ag': the guide's EMA (sigma_rel) and w, chosen post hoc
