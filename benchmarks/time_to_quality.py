@@ -87,6 +87,10 @@ RECIPES = {  # name: (overrides, samplers tried at each NFE)
     **{f"edm-u-phigh-isqrt{'' if ref == 600 else ref}": (
         {**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6}, "train.lr_schedule": "inv-sqrt",
          "train.lr_ref_steps": ref}, EDM_SAMPLERS) for ref in (600, 300, 150)},
+    # the same (from 600) with the digits' own sigma_data (0.752; the preset's 0.5), or a narrower noise distribution
+    **{f"edm-u-phigh-isqrt-{name}": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6, **extra},
+                                     "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": 600}, EDM_SAMPLERS)
+       for name, extra in (("sd", {"sigma_data": 0.75}), ("pstd1", {"P_std": 1.0}))},
 }
 NFES = (10, 20, 35)  # network evaluations per sample (an autoguided step costs two)
 GUIDE_EMAS, GUIDE_WEIGHTS = (0.10, 0.20), (1.5, 2.0, 2.5)  # '+ag': the guide's EMA (sigma_rel) and w, chosen post hoc
