@@ -67,6 +67,14 @@ PEER_SAMPLERS, EDM_SAMPLERS = ("dpmpp_2m", "unipc", "edm_sde"), ("deis_pc", "heu
 # (Table 5); S_churn = 5 from a sweep on one digits model (benchmarks/README.md: 2 / 5 / >= 10 gave FD 1.75 / 1.68 / 1.97
 # at 35 NFE, deis_pc 1.80; within the spread of two sample sets)
 SAMPLER_OPTIONS = {"edm_sde": {"S_churn": 5, "S_tmin": 0.05, "S_tmax": 50.0}}
+
+
+def phigh_isqrt(ref: int = 600, **preset) -> dict:
+    """edm-u with P_mean -0.6 (and any other preset numbers) and EDM2's inverse-sqrt decay from step ref."""
+    return {**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6, **preset},
+            "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": ref}
+
+
 RECIPES = {  # name: (overrides, samplers tried at each NFE)
     "diffusers": ({"model.network": "diffusers", "model.preset": "ddpm", "train.lr": 6e-3}, PEER_SAMPLERS),
     "edm": (EDM, EDM_SAMPLERS),  # the demo's recipe before issue 16
@@ -84,13 +92,10 @@ RECIPES = {  # name: (overrides, samplers tried at each NFE)
     "edm-isqrt": ({**EDM, "train.lr": 4e-3, "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": 600}, EDM_SAMPLERS),
     # the demo's recipe with EDM2's inverse-sqrt decay, lr 2e-3 / sqrt(step / ref) after step ref: from 600 ("isqrt"),
     # 1.6e-3 / 1.2e-3 / 8e-4 at the three budgets; from 300, 1.15e-3 / 8.2e-4 / 5.8e-4; from 150, 8.2e-4 / 5.8e-4 / 4.1e-4
-    **{f"edm-u-phigh-isqrt{'' if ref == 600 else ref}": (
-        {**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6}, "train.lr_schedule": "inv-sqrt",
-         "train.lr_ref_steps": ref}, EDM_SAMPLERS) for ref in (600, 300, 150)},
+    **{f"edm-u-phigh-isqrt{'' if ref == 600 else ref}": (phigh_isqrt(ref), EDM_SAMPLERS) for ref in (600, 300, 150)},
     # the same (from 600) with the digits' own sigma_data (0.752; the preset's 0.5), or a narrower noise distribution
-    **{f"edm-u-phigh-isqrt-{name}": ({**EDM, "model.uncertainty": True, "model.preset_params": {"P_mean": -0.6, **extra},
-                                     "train.lr_schedule": "inv-sqrt", "train.lr_ref_steps": 600}, EDM_SAMPLERS)
-       for name, extra in (("sd", {"sigma_data": 0.75}), ("pstd1", {"P_std": 1.0}))},
+    "edm-u-phigh-isqrt-sd": (phigh_isqrt(sigma_data=0.75), EDM_SAMPLERS),
+    "edm-u-phigh-isqrt-pstd1": (phigh_isqrt(P_std=1.0), EDM_SAMPLERS),
 }
 NFES = (10, 20, 35)  # network evaluations per sample (an autoguided step costs two)
 GUIDE_EMAS, GUIDE_WEIGHTS = (0.10, 0.20), (1.5, 2.0, 2.5)  # '+ag': the guide's EMA (sigma_rel) and w, chosen post hoc

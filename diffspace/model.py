@@ -296,11 +296,12 @@ def build_network(cfg: ModelConfig, shape: tuple, num_classes: int = 0, out_fact
         raise ValueError(f"model.augment={cfg.augment} (non-leaking augmentation) needs images and diffspace's U-Net "
                          f"(model.network=''); got data of shape {shape}, model.network={cfg.network!r}")
     if len(shape) == 3:
-        augment = {"augment_dim": AUGMENT_DIM} if cfg.augment else {}
+        own = {} if cfg.network == "mp" else {"scale_shift": cfg.scale_shift}  # options of diffspace's U-Net only
+        if cfg.augment:
+            own["augment_dim"] = AUGMENT_DIM
         net = (MPUNet if cfg.network == "mp" else UNet)(
             shape[0], out, base_channels=cfg.base_channels, channel_mult=tuple(cfg.channel_mult), num_blocks=cfg.num_blocks,
-            attention_resolutions=tuple(cfg.attention), image_size=shape[1], dropout=cfg.dropout, num_classes=classes,
-            **augment, **({} if cfg.scale_shift else {"scale_shift": False}))
+            attention_resolutions=tuple(cfg.attention), image_size=shape[1], dropout=cfg.dropout, num_classes=classes, **own)
     elif len(shape) == 1:
         net = MLP(shape[0], hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout, num_classes=classes, out_dim=out)
     else:

@@ -135,16 +135,12 @@ def test_resblock_is_its_formula(scale_shift):
 def test_the_cifar10_ddpm_recipe_has_ddpms_parameter_count():
     """configs/cifar10-ddpm.toml's network: Ho et al. (2020) report 35.7 M parameters for CIFAR-10
     (sec. 4 / appendix B), with DDPM's added conditioning (model.scale_shift = false)."""
-    import tomllib
     from pathlib import Path
 
-    from diffspace.config import Config, set_option
+    from diffspace.config import load_config
     from diffspace.model import build_network
 
-    recipe = tomllib.loads((Path(__file__).parents[1] / "configs" / "cifar10-ddpm.toml").read_text())
-    cfg = Config()
-    for key, value in recipe["model"].items():
-        set_option(cfg, f"model.{key}", value)
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "cifar10-ddpm.toml")
     params = count_parameters(build_network(cfg.model, (3, 32, 32)))
     assert round(params / 1e6, 1) == 35.7, params
 
