@@ -16,6 +16,7 @@
 #    diffusers' UNet2DModel;
 # 4. the CIFAR-10 DDPM recipe (configs/cifar10-ddpm.toml) through the trainer on a synthetic file in
 #    CIFAR-10's binary format: img/s of the whole training step, eager and compiled;
+#    4b. the host-device synchronisations per training step, counted by torch.cuda.set_sync_debug_mode;
 # 5. with two or more GPUs: torchrun --nproc_per_node 2 (NCCL) of run 1b, its loss curve against
 #    the one-GPU run (the same to float rounding: the global batch and its noise are the same).
 # Each part has its own time limit and the script goes on after a failure (it says which).
@@ -123,6 +124,28 @@ for compile in false $COMPILE; do
     $(cut -d, -f5 "$OUT/cifar-compile-$compile/metrics.csv" 2>/dev/null | tail -n +2)
   [ "$compile" = "$COMPILE" ] && break
 done
+
+if [ "$DEVICE" = cuda ]; then
+  part "4b. host-device syncs per training step (torch.cuda.set_sync_debug_mode), the DDPM recipe at base 32"
+  timeout 240 python - "$OUT" <<'EOF' || failed 4b $?
+import sys, warnings
+import torch
+from diffspace.cli import main
+out = sys.argv[1]
+def syncs(steps):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        main(["train", "configs/cifar10-ddpm.toml", f"data.spec={out}/cifar-synthetic.bin", "--quiet", "train.device=cuda",
+              "model.base_channels=32", "log.every=10", "log.sample_every=0", "log.n_samples=4", "sample.sampler=ddim",
+              "sample.nfe=10", "--steps", str(steps), "--out", f"{out}/syncs-{steps}"])
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message).splitlines()[0] for w in seen if "synchroniz" in str(w.message)]
+a, b = syncs(20), syncs(40)
+print(f"synchronizing calls: 20 steps {len(a)}, 40 steps {len(b)}: {(len(b) - len(a)) / 20:.2f} per step "
+      "(tests/test_host_syncs.py expects 2 more for 20 more steps: one read-back per log row)")
+EOF
+fi
 
 if [ "$GPUS" -ge 2 ]; then
   part "5. torchrun, 2 GPUs (NCCL)"

@@ -68,8 +68,9 @@ def augment(x: Tensor, p: float, generator: torch.Generator) -> tuple[Tensor, Te
     k = torch.randint(1, 4, (B,), generator=generator, device=dev) * _applied(p, B, generator, dev)
     for quarter in (1, 2, 3):
         x = torch.where(per_image(k == quarter), torch.rot90(x, quarter, dims=(2, 3)), x)
-    labels[:, 2] = torch.tensor([0.0, -1.0, -2.0, -1.0], device=dev, dtype=dtype)[k]  # cos(k pi / 2) - 1
-    labels[:, 3] = torch.tensor([0.0, 1.0, 0.0, -1.0], device=dev, dtype=dtype)[k]  # sin(k pi / 2)
+    # cos(k pi / 2) - 1 and sin(k pi / 2), k = 0..3, exactly, from k itself (no table copied to the device)
+    labels[:, 2] = -(k % 2).to(dtype) - 2 * (k == 2).to(dtype)  # 0, -1, -2, -1
+    labels[:, 3] = (k == 1).to(dtype) - (k == 3).to(dtype)  # 0, 1, 0, -1
 
     m = math.ceil(W / 8)
     side = 2 * m + 1  # the (dx, dy) of the grid -m..m squared but (0, 0), uniformly: index j skips the centre

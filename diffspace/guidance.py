@@ -36,7 +36,10 @@ Tensor = torch.Tensor
 
 
 def _sigmas(sigma, x: Tensor) -> Tensor:
-    """sigma as a (B,) tensor on x's device."""
+    """sigma as a (B,) tensor on x's device (a number is filled in there: no host-to-device copy,
+    which on a GPU would wait for the queued work)."""
+    if isinstance(sigma, (int, float)):
+        return torch.full(x.shape[:1], sigma, dtype=x.dtype, device=x.device)
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
@@ -71,6 +74,7 @@ class Guided:
         if not 0 <= phi <= 1:
             raise ValueError(f"guidance rescale phi={phi} must lie in [0, 1]")
         self.main, self.guide, self.w, self.lo, self.hi, self.phi = main, guide, float(w), lo, hi, phi
+        self.everywhere = lo == 0 and hi == math.inf  # no interval set: nothing to read back per call
         self.pair = pair or (lambda x, s: (main(x, s), guide(x, s)))
         self.evaluations = self.guided = 0
 
@@ -78,10 +82,10 @@ class Guided:
         sigma = _sigmas(sigma, x)
         inside = (sigma >= self.lo) & (sigma <= self.hi)
         self.evaluations += 1
-        if self.w == 1 or not bool(inside.any()):
+        if self.w == 1 or not (self.everywhere or bool(inside.any())):  # read back only for a set interval
             return self.main(x, sigma)
         self.guided += 1
-        if self.w == 0 and bool(inside.all()):
+        if self.w == 0 and (self.everywhere or bool(inside.all())):
             return self.guide(x, sigma)
         d, d_g = self.pair(x, sigma)
         out = d_g + self.w * (d - d_g)
@@ -116,6 +120,7 @@ class ClassifierGuidance:
             raise ValueError(f"classifier scale={scale} must be finite")
         self.denoiser, self.log_prob, self.labels, self.scale = denoiser, log_prob, labels, scale
         self.lo, self.hi = _interval(interval)
+        self.everywhere = self.lo == 0 and self.hi == math.inf
         self.evaluations = self.guided = 0
 
     def __call__(self, x: Tensor, sigma) -> Tensor:
@@ -123,7 +128,7 @@ class ClassifierGuidance:
         d = self.denoiser(x, sigma)
         self.evaluations += 1
         inside = (sigma >= self.lo) & (sigma <= self.hi)
-        if self.scale == 0 or not bool(inside.any()):
+        if self.scale == 0 or not (self.everywhere or bool(inside.any())):
             return d
         self.guided += 1
         with torch.enable_grad():

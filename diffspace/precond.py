@@ -32,13 +32,16 @@ import math
 import torch
 
 from .parameterization import broadcast, check_parameterization, score_from_energy, to_x0
-from .schedules import VPSDE, Schedule, VPSchedule, check_sigma, iddpm_sigmas
+from .schedules import VPSDE, Schedule, VPSchedule, check_sigma, checking, iddpm_sigmas, on_device
 
 Tensor = torch.Tensor
 
 
 def per_sample(sigma, x: Tensor) -> Tensor:
     """sigma checked and made a (B,) tensor in x's dtype and device (a scalar is repeated)."""
+    if isinstance(sigma, (int, float)):  # checked on the host, filled on x's device: no copy to it (a sync on a GPU)
+        check_sigma(sigma)
+        return torch.full(x.shape[:1], sigma, dtype=x.dtype, device=x.device)
     sigma = check_sigma(torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
     if sigma.ndim == 0:
         return sigma.expand(x.shape[0])
@@ -64,12 +67,18 @@ class Preconditioner:
     def __call__(self, sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sigma = check_sigma(sigma)
         at_inf = torch.isinf(sigma)
+        if not checking():  # schedules.unchecked(): no read-back of at_inf; the limits (if any) go where sigma = inf
+            limits = self._at_infinity()
+            return self._coefficients(sigma) if limits is None else self._with_limits(sigma, at_inf, limits)
         if not bool(at_inf.any()):
             return self._coefficients(sigma)
         limits = self._at_infinity()
         if limits is None:
             raise ValueError(f"sigma=inf (zero SNR) is not allowed with {self!r}: its c_out or c_noise diverges "
                              "there; allowed: a v-, x0- or flow-predicting preconditioner (e.g. the ztsnr preset)")
+        return self._with_limits(sigma, at_inf, limits)
+
+    def _with_limits(self, sigma: Tensor, at_inf: Tensor, limits: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         finite = self._coefficients(torch.where(at_inf, torch.ones_like(sigma), sigma))
         return tuple(torch.where(at_inf, torch.full_like(c, lim), c) for c, lim in zip(finite, limits))
 
@@ -81,7 +90,7 @@ class Preconditioner:
         return None
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not isinstance(v, Tensor) and k != "formulas")
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not isinstance(v, Tensor) and k[0] != "_" and k != "formulas")
         return f"{type(self).__name__}({args})"
 
 
@@ -161,7 +170,7 @@ class IDDPMPrecond(Preconditioner):
         self.M, self.C1, self.C2, self.u = M, C1, C2, iddpm_sigmas(M, C1, C2)
 
     def _coefficients(self, sigma):
-        j = torch.argmin((sigma.unsqueeze(-1) - self.u.to(sigma)).abs(), dim=-1)
+        j = torch.argmin((sigma.unsqueeze(-1) - on_device(self, "u", sigma.device, sigma.dtype)).abs(), dim=-1)
         return torch.ones_like(sigma), -sigma, 1 / torch.sqrt(sigma**2 + 1), (self.M - 1 - j).to(sigma.dtype)
 
 

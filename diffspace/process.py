@@ -16,7 +16,7 @@ import math
 import torch
 
 from .parameterization import broadcast, coefficients, to_x0
-from .schedules import DiscreteVP, Schedule, fmt, as_tensor
+from .schedules import DiscreteVP, Schedule, any_bad, as_tensor, fmt, on_device
 
 Tensor = torch.Tensor
 
@@ -44,7 +44,7 @@ def transition(schedule: Schedule, s, t) -> tuple[Tensor, Tensor]:
     """
     s, t = as_tensor(s), as_tensor(t)
     bad = ~(s < t)
-    if bool(bad.any()):
+    if any_bad(bad):
         s_bad, t_bad = torch.broadcast_tensors(s, t)
         raise ValueError(f"s={fmt(s_bad[bad])}, t={fmt(t_bad[bad])}: the posterior needs s < t")
     alpha_ts = schedule.alpha(t) / schedule.alpha(s)
@@ -83,7 +83,7 @@ def _check_chain(schedule) -> DiscreteVP:
 def _check_index(i, schedule: DiscreteVP) -> Tensor:
     i = torch.as_tensor(i)
     bad = (i < 1) | (i > schedule.T)
-    if bool(bad.any()):
+    if any_bad(bad):
         raise ValueError(f"step i={fmt(i[bad])} is outside 1..{schedule.T}")
     return i.long()
 
@@ -123,8 +123,9 @@ def learned_variance(v: Tensor, i, schedule: DiscreteVP) -> Tensor:
     eq. 15); beta~ is `reverse_variance`'s (beta~_2 at t = 1), beta_t is beta_1 at t = 1 as in
     improved-diffusion (so v = 1 is "beta_plain")."""
     i = _check_index(i, _check_chain(schedule))
-    log_beta = broadcast(torch.log(schedule.betas).to(v.device)[i - 1], v)
-    log_tilde = broadcast(torch.log(reverse_variance(schedule, "beta_tilde")).to(v.device)[i - 1], v)
+    log_beta = on_device(schedule, "log betas", v.device, make=lambda: torch.log(schedule.betas))
+    log_tilde = on_device(schedule, "log beta_tilde", v.device, make=lambda: torch.log(reverse_variance(schedule, "beta_tilde")))
+    log_beta, log_tilde = broadcast(log_beta[i - 1], v), broadcast(log_tilde[i - 1], v)
     return torch.exp(v * log_beta + (1 - v) * log_tilde)
 
 
@@ -134,10 +135,10 @@ def ddpm_posterior(x0: Tensor, x_t: Tensor, i, schedule: DiscreteVP) -> tuple[Te
         mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(1 - beta_t) (1 - abar_{t-1}) / (1 - abar_t) x_t.
     """
     i = _check_index(i, _check_chain(schedule))
-    abar = schedule.alphas_bar
-    abar_t, abar_prev, beta = (broadcast(c, x_t) for c in (abar[i], abar[i - 1], schedule.betas[i - 1]))
+    abar, betas = on_device(schedule, "alphas_bar", x_t.device), on_device(schedule, "betas", x_t.device)
+    abar_t, abar_prev, beta = (broadcast(c, x_t) for c in (abar[i], abar[i - 1], betas[i - 1]))
     mean = (abar_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_prev) * x_t) / (1 - abar_t)
-    return mean, broadcast(beta_tilde(schedule)[i - 1], x_t)
+    return mean, broadcast(on_device(schedule, "beta_tilde", x_t.device, make=lambda: beta_tilde(schedule))[i - 1], x_t)
 
 
 # -- likelihood terms ---------------------------------------------------------------------------

@@ -15,6 +15,8 @@ Plain Python numbers become float64 tensors.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -25,6 +27,48 @@ Tensor = torch.Tensor
 def as_tensor(t, dtype=torch.float64) -> Tensor:
     """Tensors pass through unchanged; numbers and sequences become `dtype` tensors."""
     return t if isinstance(t, Tensor) else torch.as_tensor(t, dtype=dtype)
+
+
+_CHECKS = contextvars.ContextVar("diffspace_checks", default=True)
+
+
+@contextlib.contextmanager
+def unchecked():
+    """Inside this block the value checks of t, sigma and the other math inputs are skipped.
+
+    Each check reads a tensor back to the host (`bool(bad.any())`); on a GPU that waits for every
+    queued kernel, so the host cannot run ahead and the GPU idles while the next kernels are
+    launched. The training loop's t are right by construction (drawn from the noise distribution)
+    and pass some 16 checks per step, one of them between the forward and the backward pass: it
+    runs the step in this block. Everywhere else bad input still gets its error.
+    """
+    token = _CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _CHECKS.reset(token)
+
+
+def checking() -> bool:
+    """False inside `unchecked()`."""
+    return _CHECKS.get()
+
+
+def any_bad(bad: Tensor) -> bool:
+    """bool(bad.any()) while checking; False inside `unchecked()`, without reading bad back."""
+    return _CHECKS.get() and bool(bad.any())
+
+
+def on_device(owner, name: str, device: torch.device, dtype: torch.dtype | None = None, make=None) -> Tensor:
+    """owner.<name>, a constant tensor (a chain's knots, iDDPM's levels), or make() (a constant derived
+    from the owner, under that name), on `device` (in `dtype`): copied there once and kept on the owner.
+    Copying it at every call would be a host-to-device transfer each time, and on a GPU each such
+    copy waits for all queued work (a host-device sync)."""
+    copies = owner.__dict__.setdefault("_device_copies", {})
+    key = (name, torch.device(device), dtype)
+    if key not in copies:
+        copies[key] = (make() if make else getattr(owner, name)).to(device=device, dtype=dtype)
+    return copies[key]
 
 
 def fmt(values: Tensor) -> str:
@@ -38,7 +82,7 @@ def check_sigma(sigma) -> Tensor:
     """sigma as a tensor (numbers become float64); ValueError if any value is negative or NaN."""
     s = as_tensor(sigma)
     bad = torch.isnan(s) | (s < 0)
-    if bool(bad.any()):
+    if any_bad(bad):
         raise ValueError(f"sigma={fmt(s[bad])} is invalid: a noise level must be >= 0")
     return s
 
@@ -57,7 +101,7 @@ class Schedule:
     def check_t(self, t) -> Tensor:
         t = as_tensor(t)
         bad = torch.isnan(t) | (t < self.t_min) | (t > self.t_max)
-        if bool(bad.any()):
+        if any_bad(bad):
             raise ValueError(
                 f"t={fmt(t[bad])} is outside the time domain [{self.t_min:g}, {self.t_max:g}] "
                 f"of the {self.name} schedule"
@@ -112,7 +156,7 @@ class Schedule:
     def _check_t_result(self, t: Tensor, what: str, value: Tensor) -> Tensor:
         tol = 1e-9 * max(1.0, abs(self.t_max) if math.isfinite(self.t_max) else 1.0)
         bad = torch.isnan(t) | (t < self.t_min - tol) | (t > self.t_max + tol)
-        if bool(bad.any()):
+        if any_bad(bad):
             raise ValueError(
                 f"{what}={fmt(value[bad])} is outside the range of the {self.name} schedule "
                 f"(t would be {fmt(t[bad])}, allowed [{self.t_min:g}, {self.t_max:g}])"
@@ -183,7 +227,7 @@ class DiscreteVP(VPSchedule):
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         bad = (betas <= 0) | (betas > 1) | ((betas == 1) & (torch.arange(betas.numel()) < betas.numel() - 1))
-        if bool(bad.any()):
+        if any_bad(bad):
             raise ValueError(f"betas={fmt(betas[bad])} must lie in (0, 1); only the last may be 1 (zero terminal SNR)")
         self.betas = betas
         self.T = betas.numel()
@@ -212,16 +256,15 @@ class DiscreteVP(VPSchedule):
     def log_alpha_bar(self, t) -> Tensor:
         t = self.check_t(t)
         i, frac = self._segment(t)
-        dev = t.device
-        knots = self.log_alpha_bars.to(dev)
-        out = knots[i - 1] + frac * self.log_one_minus_beta.to(dev)[i - 1]
+        knots = on_device(self, "log_alpha_bars", t.device)
+        out = knots[i - 1] + frac * on_device(self, "log_one_minus_beta", t.device)[i - 1]
         out = torch.where(self._last(i), knots[self.T - 1] + 2 * torch.log1p(-frac), out)  # alpha linear
         return out.to(t.dtype)
 
     def dlog_alpha_bar(self, t) -> Tensor:
         t = self.check_t(t)
         i, frac = self._segment(t)
-        out = torch.where(self._last(i), -2 * self.T / (1 - frac), self.T * self.log_one_minus_beta.to(t.device)[i - 1])
+        out = torch.where(self._last(i), -2 * self.T / (1 - frac), self.T * on_device(self, "log_one_minus_beta", t.device)[i - 1])
         return out.to(t.dtype)
 
     def dalpha(self, t) -> Tensor:
@@ -229,15 +272,15 @@ class DiscreteVP(VPSchedule):
         -T alpha_{T-1} (also at t = 1, where the product would be 0 * inf)."""
         t = self.check_t(t)
         i, _ = self._segment(t)
-        linear = -self.T * torch.exp(0.5 * self.log_alpha_bars[self.T - 1]).to(t)
+        linear = -self.T * math.exp(0.5 * float(self.log_alpha_bars[self.T - 1]))  # a number: no copy to t's device
         return torch.where(self._last(i), linear, super().dalpha(t))
 
     def _t_from_logsnr(self, lam: Tensor) -> Tensor:
         la = torch.nn.functional.logsigmoid(lam.to(torch.float64))  # log alpha-bar
-        knots = self.log_alpha_bars.to(lam.device)  # decreasing
+        knots = on_device(self, "log_alpha_bars", lam.device)  # decreasing
         # interval i with knots[i-1] >= la >= knots[i]
         i = torch.searchsorted(-knots, -la.contiguous(), right=False).clamp(1, self.T)
-        t = ((i - 1) + (la - knots[i - 1]) / self.log_one_minus_beta.to(lam.device)[i - 1]) / self.T
+        t = ((i - 1) + (la - knots[i - 1]) / on_device(self, "log_one_minus_beta", lam.device)[i - 1]) / self.T
         t = torch.where(self._last(i), (self.T - torch.exp(0.5 * (la - knots[self.T - 1]))) / self.T, t)
         return t.to(lam.dtype)
 

@@ -35,6 +35,7 @@ from .config import Config, TrainConfig
 from .encoder import load_encoder
 from .model import Diffusion, LatentAutoencoder, augment_kwargs, build_model
 from .sampling import class_labels, plan, sample, stream_seed
+from .schedules import unchecked
 
 Tensor = torch.Tensor
 
@@ -135,12 +136,53 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class Diverged(ValueError):
-    """Training met a non-finite loss or gradient: it stops there (no checkpoint of it is written)."""
+    """Training met a non-finite loss or gradient: it stops at the next check (LossWindow), naming
+    that step; no checkpoint of it or after it is written."""
 
     def __init__(self, step: int, what: str, value: float, saved: int, cfg: TrainConfig):
         kept = f"the last checkpoint (step {saved}) is kept" if saved else "no checkpoint was written"
         super().__init__(f"training diverged at step {step}: {what} is {value} (train.lr={cfg.lr:g}, "
                          f"train.grad_clip={cfg.grad_clip:g}); {kept}; lower train.lr, or check the data")
+
+
+class LossWindow:
+    """Each step's loss and gradient norm, kept on the device and read back in one transfer at the
+    next log row, sample grid, snapshot or checkpoint rather than every step: on a GPU each read-back
+    waits for all queued work, so the host could not launch the next step ahead. `check` raises
+    Diverged at the first non-finite one; the run has gone on past it in memory, but nothing after it
+    is written, and the error names that step."""
+
+    def __init__(self):
+        self.pending, self.losses, self.grad_norm = [], [], float("nan")
+
+    def add(self, loss: Tensor, grad_norm: Tensor) -> None:
+        self.pending.append(torch.stack([loss.detach().float(), grad_norm.detach().float()]))
+
+    def check(self, step: int, saved: int, cfg: TrainConfig) -> None:
+        """Read back the steps since the last check (the last of them is `step`)."""
+        if not self.pending:
+            return
+        values, first = torch.stack(self.pending).tolist(), step - len(self.pending) + 1
+        self.pending = []
+        for k, (loss, grad_norm) in enumerate(values):
+            if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                raise Diverged(first + k, "the loss" if not math.isfinite(loss) else "the gradient norm",
+                               loss if not math.isfinite(loss) else grad_norm, saved, cfg)
+        self.losses += [loss for loss, _ in values]
+        self.grad_norm = values[-1][1]
+
+    def mean_loss(self) -> float:
+        """The mean loss of the steps checked since `restart`."""
+        return sum(self.losses) / max(len(self.losses), 1)
+
+    def restart(self) -> None:
+        self.losses = []
+
+
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """x (on the CPU) on `device`; to a GPU through pinned memory without blocking, since a plain copy
+    from pageable memory waits for all queued work (a host-device sync)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
 def _device(name: str) -> torch.device:
@@ -316,12 +358,12 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
     log = RunLog(metrics_path if main else None, run_dir / "tensorboard" if main and cfg.log.tensorboard else None)
     end = min(cfg.train.steps, stop_at) if stop_at is not None else cfg.train.steps
     bar = _progress(progress and main, cfg.train.steps, step)
-    start, seen, t_window, loss_sum, loss_n = time.time(), 0, time.time(), 0.0, 0
+    start, seen, t_window, window = time.time(), 0, time.time(), LossWindow()
     saved, mine = step, distributed.shard(cfg.train.batch_size)
     stopping = distributed.any_rank(stop.received is not None)
     try:
         while step < end and not stopping:  # a signal (on any rank) stops the loop between steps
-            idx = batch_indices(len(train_set), cfg.train.batch_size, step, cfg.train.seed).to(device)
+            idx = to_device(batch_indices(len(train_set), cfg.train.batch_size, step, cfg.train.seed), device)
             x = x_all[idx]  # the global batch, and its noise below, on every rank; this rank's rows: mine
             if cfg.data.hflip:
                 x = random_hflip(x, noise_gen)
@@ -332,15 +374,15 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
             if not denoising and y_all is not None:  # a classifier learns the labels themselves
                 labels = y_all[idx]
             elif y_all is not None and cfg.model.class_conditional:
-                labels = y_all[idx].clone()
-                drop = torch.rand(labels.shape, generator=noise_gen, device=device) < cfg.model.label_dropout
-                labels[drop] = data.num_classes  # the null class
+                drop = torch.rand(idx.shape, generator=noise_gen, device=device) < cfg.model.label_dropout
+                labels = torch.where(drop, data.num_classes, y_all[idx])  # the null class (no mask indexing: no sync)
             for g in opt.param_groups:
                 g["lr"] = learning_rate(cfg.train, step)
-            draw = model.draw(x, noise_gen, eps=None if eps_all is None else eps_all[idx])  # eps_all: reflow's pairs
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
-                per_sample = step_loss(x[mine], None if labels is None else labels[mine], draw.rows(mine),
-                                       None if augment_labels is None else augment_labels[mine])
+            with unchecked():  # t drawn inside the schedule's domain: no value checks, no host-device syncs
+                draw = model.draw(x, noise_gen, eps=None if eps_all is None else eps_all[idx])  # eps_all: reflow's pairs
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+                    per_sample = step_loss(x[mine], None if labels is None else labels[mine], draw.rows(mine),
+                                           None if augment_labels is None else augment_labels[mine])
             weighted = per_sample if draw.importance is None else per_sample * draw.importance[mine].to(per_sample)
             opt.zero_grad(set_to_none=True)
             weighted.mean().backward()  # under DDP the ranks' gradients are averaged: the global batch's mean
@@ -348,33 +390,37 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
             every = distributed.gather(per_sample.detach())  # the global batch's losses, on every rank
             model.observe(draw.t, every)
             loss = (every if draw.importance is None else every * draw.importance.to(every)).mean()
-            finite = torch.isfinite(torch.stack([loss.float(), grad_norm.float()])).tolist()
-            if not all(finite):  # stop before the optimizer takes it in; nothing of this step is saved
-                raise Diverged(step + 1, "the loss" if not finite[0] else "the gradient norm",
-                               loss.item() if not finite[0] else float(grad_norm), saved, cfg.train)
+            window.add(loss, grad_norm)
             opt.step()
             step += 1
             ema_update(ema, model, ema_decay(cfg.train, step))
             for sigma_rel, tracker in zip(cfg.train.phema, trackers):
                 ema_update(tracker, model, power_ema_decay(sigma_rel, step))
-            loss_sum, loss_n, seen = loss_sum + loss.item(), loss_n + 1, seen + x.shape[0]
-            if step % cfg.log.every == 0 or step == end:
+            seen += x.shape[0]
+            logging, saving = step % cfg.log.every == 0 or step == end, step % cfg.log.checkpoint_every == 0 or step == end
+            grid = denoising and cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < end
+            snapshot = trackers and step % cfg.log.phema_every == 0
+            if logging or saving or grid or snapshot:
+                window.check(step, saved, cfg.train)  # Diverged before anything of a bad step is written
+            if logging:
                 now = time.time()
                 rate = seen / max(now - t_window, 1e-9)
-                log.row(step, loss=loss_sum / loss_n, lr=opt.param_groups[0]["lr"], grad_norm=float(grad_norm),
+                log.row(step, loss=window.mean_loss(), lr=opt.param_groups[0]["lr"], grad_norm=window.grad_norm,
                         samples_per_s=rate, seconds=now - start)
-                bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}", samples_s=f"{rate:.0f}")
-                t_window, seen, loss_sum, loss_n = now, 0, 0.0, 0
+                bar.set_postfix(loss=f"{window.mean_loss():.4f}", samples_s=f"{rate:.0f}")
+                t_window, seen = now, 0
+                window.restart()
             bar.update(1)
-            if main and denoising and cfg.log.sample_every and step % cfg.log.sample_every == 0 and step < end:
+            if main and grid:
                 log.image(_save_sample_grid(ema, cfg, device, run_dir / "samples" / f"step-{step:08d}.png"), step)
-            if main and trackers and step % cfg.log.phema_every == 0:  # every snapshot is kept
+            if main and snapshot:  # every snapshot is kept
                 ckpt.save(run_dir / "phema", step, phema_tensors(), {"sigma_rel": cfg.train.phema, "step": step}, keep=10**9)
-            if step % cfg.log.checkpoint_every == 0 or step == end:
+            if saving:
                 save_checkpoint()
                 saved = step
             stopping = distributed.any_rank(stop.received is not None)
         if stopping and step > saved:  # the last finished step, exactly
+            window.check(step, saved, cfg.train)
             save_checkpoint()
             saved = step
     finally:

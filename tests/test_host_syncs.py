@@ -1,0 +1,248 @@
+"""The GPU path's host-device synchronisations, checked without a GPU (issue 14).
+
+On a GPU the host queues kernels ahead of the device; a read-back (`.item()`, `bool(t)`, `.tolist()`)
+or a copy from ordinary host memory to the device waits until everything queued has run, so the
+device idles while the host launches what comes next. A training step and a sampler step should
+have none. Here the model runs on PyTorch's `meta` device (shapes only, no data) under a dispatch
+mode that records every read-back of a device tensor and every copy onto the device: the same
+calls a GPU would see. (Tensors built from Python data with a device, `torch.tensor([...],
+device=d)`, copy below the dispatcher; they are caught by wrapping torch.tensor / torch.as_tensor.)
+The whole training loop, which the meta device cannot run, is measured on the CPU by counting
+diffspace's read-backs per step.
+"""
+
+import collections
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from diffspace import guidance, precond, sampling, schedules
+from diffspace.cli import main
+from diffspace.config import Config, SampleConfig, set_option
+from diffspace.model import build_model
+from diffspace.presets import PRESETS
+from diffspace.samplers import SAMPLERS
+from diffspace.sampling import plan
+from diffspace.schedules import checking, on_device, unchecked
+
+
+def _frames():
+    frame = sys._getframe(1)
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _site() -> str:
+    """file:line of the innermost diffspace frame on the stack."""
+    return next((f"{f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno}" for f in _frames()
+                 if "/diffspace/" in f.f_code.co_filename), "torch")
+
+
+class DeviceTraffic(TorchDispatchMode):
+    """Records, by diffspace's source line, each read-back of a meta tensor and each copy onto meta."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            self.seen[f"read-back at {_site()}"] += 1
+            return 0  # a meta tensor has no value; any number lets the code go on
+        if func is torch.ops.aten._to_copy.default and args[0].device.type != "meta" \
+                and torch.device(kwargs.get("device") or args[0].device).type == "meta":
+            self.seen[f"copy to the device at {_site()}"] += 1
+        if func is torch.ops.aten.copy_.default and args[0].device.type == "meta" and args[1].device.type != "meta":
+            self.seen[f"copy to the device at {_site()}"] += 1
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def traffic(monkeypatch):
+    """A DeviceTraffic to enter, with torch.tensor / torch.as_tensor of host data onto meta recorded too."""
+    mode = DeviceTraffic()
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+
+        def wrapped(data, *args, _original=original, **kwargs):
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type == "meta" and not (
+                    isinstance(data, torch.Tensor) and data.device.type == "meta"):
+                mode.seen[f"torch.{_original.__name__} of host data to the device at {_site()}"] += 1
+            return _original(data, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, wrapped)
+    return mode
+
+
+IMAGES, POINTS = (1, 8, 8), (2,)  # a U-Net of base 8, or an MLP (quicker on meta: for what is not the network)
+
+
+def _model(preset: str, shape=POINTS, **options):
+    cfg = Config()
+    for key, value in {"model.preset": preset, "model.base_channels": 8, "model.hidden": 16, **options}.items():
+        set_option(cfg, key, value)
+    return build_model(cfg.model, shape, 10, 256).to("meta")
+
+
+def _training_step(model, labels=None, augment_labels=None):
+    """What train.py runs per step on the device: the draw, the loss, the backward pass."""
+    x = torch.randn(4, *model.shape, device="meta")
+    with unchecked():
+        draw = model.draw(x, None)
+        loss = model.loss(x, labels, t=draw.t, eps=draw.eps, augment_labels=augment_labels)
+        loss.mean().backward()
+
+
+MODELS = [(p, {}) for p in PRESETS] + [
+    ("ddpm", {"model.objective": "vlb"}), ("ddpm", {"model.objective": "hybrid"}),
+    ("ddpm", {"model.weighting": "vlb"}), ("ddpm", {"model.weighting": "min-snr"}),
+    ("edm", {"model.uncertainty": "true"}), ("edm", {"model.class_conditional": "true"}),
+    ("iddpm", {"model.noise": "iddpm"}), ("vp", {"model.noise": "logit-normal"}),
+    ("edm", {"shape": IMAGES}), ("edm", {"shape": IMAGES, "model.network": "mp"}),
+    ("edm", {"shape": IMAGES, "model.augment": 0.5}), ("ddpm", {"shape": IMAGES, "model.dropout": 0.1}),
+] + [("vp", {"model.parameterization": p}) for p in ("x0", "eps", "score", "energy", "v", "flow")]
+
+
+@pytest.mark.parametrize("preset,options", MODELS, ids=lambda v: v if isinstance(v, str) else ",".join(f"{k}={x}" for k, x in v.items()))
+def test_a_training_step_reads_nothing_back_and_copies_nothing_to_the_device(preset, options, traffic):
+    model = _model(preset, **options)
+    labels = torch.zeros(4, dtype=torch.long, device="meta") if options.get("model.class_conditional") else None
+    augment_labels = torch.zeros(4, 6, device="meta") if options.get("model.augment") else None
+    _training_step(model, labels, augment_labels)  # the first step copies the constant tables once (on_device)
+    with traffic:
+        _training_step(model, labels, augment_labels)
+    assert traffic.seen == {}
+
+
+def test_the_check_finds_the_syncs_that_the_value_checks_make(traffic):
+    """The test above can fail: the same step with the value checks on (outside `unchecked`) reads
+    t and sigma back, and a table copied at each call (the DDPM chain's, before on_device) is seen."""
+    model = _model("ddpm")
+    x = torch.randn(4, *model.shape, device="meta")
+    with traffic:
+        draw = model.draw(x, None)
+        model.loss(x, None, t=draw.t, eps=draw.eps)
+        model.schedule.log_alpha_bars.to("meta")
+        torch.tensor([0.0, 1.0], device="meta")
+    kinds = {key.split(" at ")[0] for key in traffic.seen}
+    assert kinds == {"read-back", "copy to the device", "torch.tensor of host data to the device"}, traffic.seen
+
+
+@pytest.mark.parametrize("preset", ["edm", "ddpm", "ztsnr", "rectified-flow"])
+def test_every_sampler_step_reads_nothing_back_and_copies_nothing_to_the_device(preset, traffic):
+    model = _model(preset)
+    for name in SAMPLERS:
+        if name in ("mala", "adaptive", "langevin"):  # Metropolis tests, error control, a chain: they decide on values
+            continue
+        p = plan(model.preset, SampleConfig(sampler=name, nfe=6))
+        x = torch.randn(2, *model.shape, device="meta")
+        with torch.no_grad(), unchecked():  # as sampling.sample runs them, after checking the grid
+            SAMPLERS[name](model, x, p.sigmas, **p.options)  # warm: constant tables copied once
+            with traffic:
+                SAMPLERS[name](model, x, p.sigmas, **p.options)
+        assert traffic.seen == {}, name
+
+
+def test_guided_sampler_steps_read_nothing_back_without_an_interval(traffic):
+    """CFG and autoguidance over the whole range of sigma (their default); with a set interval a
+    batch must be read back to know whether the guide is needed (one read-back per call)."""
+    model = _model("edm", **{"model.class_conditional": "true"})
+    labels = torch.zeros(2, dtype=torch.long, device="meta")
+    p = plan(model.preset, SampleConfig(sampler="heun", nfe=5))
+    x = torch.randn(2, *model.shape, device="meta")
+    for D in (guidance.classifier_free(model, labels, 10, 2.0), guidance.autoguidance(lambda x, s: model(x, s, labels), model, 2.0)):
+        with torch.no_grad(), unchecked():
+            SAMPLERS["heun"](D, x, p.sigmas)
+            with traffic:
+                SAMPLERS["heun"](D, x, p.sigmas)
+        assert traffic.seen == {} and D.guided == 2 * 5
+
+
+def test_sample_runs_the_sampler_unchecked_and_checks_again_after(monkeypatch):
+    states = []
+    original = SAMPLERS["euler"]
+    monkeypatch.setitem(SAMPLERS, "euler", lambda *a, **k: (states.append(checking()), original(*a, **k))[1])
+    cfg = Config()
+    set_option(cfg, "model.base_channels", 8)
+    model = build_model(cfg.model, (1, 8, 8))
+    sampling.sample(model, 2, SampleConfig(sampler="euler", nfe=3))
+    assert states == [False] and checking()
+
+
+def test_unchecked_skips_the_checks_only_inside_and_changes_no_value():
+    sigma = torch.tensor([0.002, 0.5, 80.0, float("inf")], dtype=torch.float64)
+    ztsnr = PRESETS["ztsnr"].precond
+    checked = ztsnr(sigma)
+    with pytest.raises(ValueError, match="noise level must be >= 0"):
+        schedules.check_sigma(torch.tensor([-1.0]))
+    with pytest.raises(ValueError, match="outside the time domain"):
+        PRESETS["vp"].schedule.alpha(torch.tensor([1.5]))
+    with pytest.raises(RuntimeError), unchecked():
+        schedules.check_sigma(torch.tensor([-1.0]))  # not refused in here
+        PRESETS["vp"].schedule.alpha(torch.tensor([1.5]))
+        raise RuntimeError("leaving by an exception")
+    assert checking()  # restored after the exception
+    finite = sigma[:3].float()
+    others = {name: PRESETS[name].precond(finite) for name in ("edm", "vp", "ve", "iddpm", "ddpm")}
+    with unchecked():
+        assert not checking()
+        inside = ztsnr(sigma)  # the limits at sigma = inf applied without reading at_inf back
+        for name, coefficients in others.items():
+            assert all(torch.equal(a, b) for a, b in zip(PRESETS[name].precond(finite), coefficients)), name
+    assert all(torch.equal(a, b) for a, b in zip(inside, checked))
+    with pytest.raises(ValueError, match="sigma=-1 is invalid"):  # a number: checked before it is filled in
+        precond.per_sample(-1.0, torch.zeros(2, 1))
+
+
+def test_on_device_copies_a_table_once_per_device_and_dtype():
+    schedule = PRESETS["ddpm"].schedule
+    a = on_device(schedule, "log_alpha_bars", torch.device("meta"))
+    assert on_device(schedule, "log_alpha_bars", "meta") is a and a.device.type == "meta" and a.dtype == torch.float64
+    b = on_device(schedule, "log_alpha_bars", torch.device("cpu"), torch.float32)
+    assert b is not a and b.dtype == torch.float32 and torch.equal(b, schedule.log_alpha_bars.float())
+    assert "_device_copies" not in repr(PRESETS["iddpm"].precond)
+
+
+# -- the whole loop, on the CPU: read-backs per step ----------------------------------------------------
+class ReadBacks(TorchDispatchMode):
+    """diffspace's read-backs of tensor values (the optimizer's own step counters left out: CPU
+    tensors, or on a GPU device tensors that fused AdamW never reads back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not any(
+                "/torch/optim/" in f.f_code.co_filename for f in _frames()):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _read_backs(monkeypatch, tmp_path, steps: int, options: list[str]) -> int:
+    mode = ReadBacks()
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (setattr(mode, "count", mode.count + 1), original(self))[1])
+    with mode:
+        assert main(["train", "--out", str(tmp_path / f"r{steps}"), "--quiet", "--steps", str(steps), "log.every=10",
+                     "log.n_samples=4", "train.warmup=0", *options]) == 0
+    return mode.count
+
+
+@pytest.mark.parametrize("options", [
+    ["--data", "ring8", "model.hidden=16", "model.depth=1", "data.n=300", "train.batch_size=32"],
+    ["--data", "digits", "model.base_channels=8", "model.class_conditional=true", "model.augment=0.5",
+     "model.uncertainty=true", "train.batch_size=32"],
+    ["--data", "ring8", "--preset", "ddpm", "model.hidden=16", "model.depth=1", "data.n=300", "train.batch_size=32",
+     "model.objective=hybrid", "sample.nfe=10"],
+], ids=["ring8-mlp", "digits-edm-labels-augment-u", "ring8-ddpm-hybrid"])
+def test_the_training_loop_reads_back_once_per_log_row_not_per_step(monkeypatch, tmp_path, options):
+    """20 more steps (2 more log rows, at steps 30 and 40) cost 2 more read-backs: the loss and
+    gradient norm of the window, in one transfer (train.LossWindow). Before, each step read back
+    the loss, its finiteness and some 16 value checks."""
+    assert _read_backs(monkeypatch, tmp_path, 40, options) - _read_backs(monkeypatch, tmp_path, 20, options) == 2
