@@ -3,6 +3,8 @@
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]        (default: runs/gpu-check; $OUT if set)
 #     DEVICE=cpu STEPS=20 QUICK=1 bash benchmarks/gpu_check.sh /tmp/dry   # a dry run of the script on a CPU
+#     PARTS="3 4 4b" bash benchmarks/gpu_check.sh     # some parts only (default: all, 1 2 3 4 4b 5); the
+#                                                    # whole script can outlast a 10-minute call: split it
 #
 # 1. correctness: (a) one training step's loss and gradients on the same batch, noise and weights,
 #    in float32 on the CPU and on cuda:0 (TF32 off) against a float64 CPU reference; (b) 200 steps
@@ -27,6 +29,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout's diffspace,
 DEVICE="${DEVICE:-cuda}"
 STEPS="${STEPS:-200}"
 QUICK="${QUICK:-0}"
+PARTS=" ${PARTS:-1 2 3 4 4b 5} "
+want() { [[ "$PARTS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 python -c "import diffusers" 2>/dev/null || echo "diffusers is not importable: part 3 will fail (pip install -e .[bench])"
 if [ "$DEVICE" = cuda ]; then nvidia-smi -L | tee "$OUT/gpus.txt"; GPUS=$(nvidia-smi -L | wc -l); else GPUS=0; fi
@@ -36,6 +40,7 @@ RUN=(--data digits --quiet model.base_channels=32 model.channel_mult=[1,2] model
 part() { echo; echo "== $1"; }
 failed() { echo "!! part $1 failed or ran out of time (rc $2)"; }
 
+if want 1; then
 part "1a. one training step, float32 on cpu and $DEVICE against float64"
 timeout 200 python -m diffspace train "${RUN[@]}" train.device=cpu --out "$OUT/cpu" || failed 1b-cpu $?
 timeout 90 python - "$OUT/cpu" "$DEVICE" <<'EOF' || failed 1a $?
@@ -78,9 +83,11 @@ half = len(a) // 2
 print(f"mean over the second half: cpu {sum(a[half:]) / len(a[half:]):.5f}, gpu {sum(b[half:]) / len(b[half:]):.5f}")
 EOF
 CUDA_VISIBLE_DEVICES="" timeout 60 python -m diffspace sample "$OUT/gpu" -n 16 --out "$OUT/gpu-on-cpu.png" || failed 1b-sample $?
+fi
 
-part "2. bf16 + channels_last + compile on the digits"
 COMPILE=$([ "$QUICK" = 1 ] && echo false || echo true)
+if want 2; then
+part "2. bf16 + channels_last + compile on the digits"
 timeout 200 python -m diffspace train "${RUN[@]}" "train.device=$DEVICE" train.bf16=true train.channels_last=true \
   "train.compile=$COMPILE" --out "$OUT/fast" || failed 2 $?
 python - "$OUT" <<'EOF' || failed 2-compare $?
@@ -91,7 +98,9 @@ rows = {r: list(csv.DictReader(open(out / r / "metrics.csv"))) for r in ("gpu", 
 print("final loss fp32 %s, bf16+compile %s; samples/s fp32 %s, bf16+compile %s" % (
     rows["gpu"][-1]["loss"], rows["fast"][-1]["loss"], rows["gpu"][-1]["samples_per_s"], rows["fast"][-1]["samples_per_s"]))
 EOF
+fi
 
+if want 3; then
 part "3. throughput, CIFAR-10 U-Net, bf16"
 if [ "$QUICK" = 1 ]; then
   timeout 300 python benchmarks/throughput.py --device "$DEVICE" --quick | tee "$OUT/throughput.md" || failed 3 $?
@@ -104,8 +113,8 @@ else
   timeout 480 python benchmarks/throughput.py --device "$DEVICE" --layouts cifar10 --batch 128 --reps 10 --compile \
     | tee "$OUT/throughput-compiled.md" || failed 3-compiled $?
 fi
+fi
 
-part "4. the CIFAR-10 DDPM recipe through the trainer (synthetic data in the binary format)"
 python - "$OUT/cifar-synthetic.bin" <<'EOF'
 import sys
 import numpy as np
@@ -113,6 +122,8 @@ rng = np.random.default_rng(0)
 records = np.concatenate([rng.integers(0, 10, (5000, 1)), rng.integers(0, 256, (5000, 3072))], axis=1)
 open(sys.argv[1], "wb").write(records.astype(np.uint8).tobytes())  # 1 label byte + 3,072 pixel bytes each
 EOF
+if want 4; then
+part "4. the CIFAR-10 DDPM recipe through the trainer (synthetic data in the binary format)"
 CIFAR_STEPS=$([ "$QUICK" = 1 ] && echo 4 || echo 150)
 for compile in false $COMPILE; do
   timeout 150 python -m diffspace train configs/cifar10-ddpm.toml "data.spec=$OUT/cifar-synthetic.bin" --quiet \
@@ -124,8 +135,9 @@ for compile in false $COMPILE; do
     $(cut -d, -f5 "$OUT/cifar-compile-$compile/metrics.csv" 2>/dev/null | tail -n +2)
   [ "$compile" = "$COMPILE" ] && break
 done
+fi
 
-if [ "$DEVICE" = cuda ]; then
+if want 4b && [ "$DEVICE" = cuda ]; then
   part "4b. host-device syncs per training step (torch.cuda.set_sync_debug_mode), the DDPM recipe at base 32"
   timeout 240 python - "$OUT" <<'EOF' || failed 4b $?
 import sys, warnings
@@ -147,12 +159,12 @@ print(f"synchronizing calls: 20 steps {len(a)}, 40 steps {len(b)}: {(len(b) - le
 EOF
 fi
 
-if [ "$GPUS" -ge 2 ]; then
+if want 5 && [ "$GPUS" -ge 2 ]; then
   part "5. torchrun, 2 GPUs (NCCL)"
   NVIDIA_TF32_OVERRIDE=0 timeout 300 torchrun --standalone --nproc_per_node 2 -m diffspace train "${RUN[@]}" \
     train.device=cuda --out "$OUT/gpu2" || failed 5 $?
   paste -d, <(cut -d, -f1,2 "$OUT/gpu/metrics.csv") <(cut -d, -f2 "$OUT/gpu2/metrics.csv") | tail -5
-else
+elif want 5; then
   part "5. skipped: fewer than two GPUs"
 fi
 echo "done: $OUT"
