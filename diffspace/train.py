@@ -156,14 +156,16 @@ class LossWindow:
         self.pending, self.losses, self.grad_norm = [], [], float("nan")
 
     def add(self, loss: Tensor, grad_norm: Tensor) -> None:
-        self.pending.append(torch.stack([loss.detach().float(), grad_norm.detach().float()]))
+        self.pending.append(torch.stack([loss.detach().float(), grad_norm.detach().float()])[None])
+        if len(self.pending) > 256:  # a long window (large log.every) kept as one (steps, 2) tensor
+            self.pending = [torch.cat(self.pending)]
 
     def check(self, step: int, saved: int, cfg: TrainConfig) -> None:
         """Read back the steps since the last check (the last of them is `step`)."""
         if not self.pending:
             return
-        values, first = torch.stack(self.pending).tolist(), step - len(self.pending) + 1
-        self.pending = []
+        values = torch.cat(self.pending).tolist()
+        first, self.pending = step - len(values) + 1, []
         for k, (loss, grad_norm) in enumerate(values):
             if not math.isfinite(loss) or not math.isfinite(grad_norm):
                 raise Diverged(first + k, "the loss" if not math.isfinite(loss) else "the gradient norm",

@@ -12,12 +12,14 @@ diffspace's read-backs per step.
 """
 
 import collections
+import json
 import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from diffspace import checkpoint as ckpt
 from diffspace import guidance, precond, sampling, schedules
 from diffspace.cli import main
 from diffspace.config import Config, SampleConfig, set_option
@@ -246,3 +248,34 @@ def test_the_training_loop_reads_back_once_per_log_row_not_per_step(monkeypatch,
     gradient norm of the window, in one transfer (train.LossWindow). Before, each step read back
     the loss, its finiteness and some 16 value checks."""
     assert _read_backs(monkeypatch, tmp_path, 40, options) - _read_backs(monkeypatch, tmp_path, 20, options) == 2
+
+
+# -- train.LossWindow: what the loop reads back late ----------------------------------------------------
+RING = ["--data", "ring8", "model.hidden=16", "model.depth=1", "data.n=300", "train.batch_size=32", "log.n_samples=4",
+        "train.warmup=0", "--quiet"]
+
+
+def test_a_long_log_window_logs_the_mean_of_its_steps(tmp_path):
+    """One row over 300 steps (the window kept as one tensor past 256) against 300 rows of one step each."""
+    assert main(["train", "--out", str(tmp_path / "every"), "--steps", "300", "log.every=1", *RING]) == 0
+    assert main(["train", "--out", str(tmp_path / "once"), "--steps", "300", "log.every=300", *RING]) == 0
+    rows = lambda run: [float(line.split(",")[1]) for line in (tmp_path / run / "metrics.csv").read_text().splitlines()[1:]]
+    every, once = rows("every"), rows("once")
+    assert len(every) == 300 and len(once) == 1
+    assert once[0] == pytest.approx(sum(every) / 300, rel=1e-5)  # the rows hold 6 significant digits
+
+
+def test_a_divergence_deep_in_a_long_window_names_its_step_and_saves_nothing_after_it(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["train", "--out", str(out), "--steps", "20", "log.checkpoint_every=10", *RING]) == 0
+    capsys.readouterr()
+    # resumed to step 300 with lr 1e30 from step 21, nothing read back before step 300
+    last = ckpt.latest(out / "checkpoints")
+    state = json.loads(last.with_suffix(".json").read_text())
+    state["config"]["train"].update(lr=1e30, steps=300)
+    state["config"]["log"].update(every=1000, checkpoint_every=1000)
+    last.with_suffix(".json").write_text(json.dumps(state))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged at step 22: the loss is nan" in err and "the last checkpoint (step 20) is kept" in err
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["ckpt-00000010", "ckpt-00000020"]
