@@ -16,6 +16,7 @@ generalised to any schedule.
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 
@@ -252,8 +253,22 @@ class _SigmaDistribution:
     def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         raise NotImplementedError
 
+    def support(self) -> tuple[float, float]:
+        """The lowest and highest sigma it draws; for an unbounded law its quantiles 1e-6 and 1 - 1e-6."""
+        raise NotImplementedError
+
     def __call__(self, n: int, schedule: Schedule, generator: torch.Generator | None = None, device=None) -> Tensor:
         return schedule.t_from_sigma_tilde(self.sigma(n, generator, device))
+
+
+def check_noise(noise, schedule: Schedule) -> None:
+    """ValueError, where a model is built, if the schedule cannot reach a sigma law's support (e.g.
+    iDDPM's levels, up to 2e4, on a VP schedule; the log-normal's, below VE's sigma_min = 0.02, on a VE
+    schedule). The training step runs unchecked (schedules.unchecked): there t_from_sigma_tilde
+    clamps to the schedule's range, which touches only the draws beyond an unbounded law's
+    one-in-a-million quantiles."""
+    if isinstance(noise, _SigmaDistribution):
+        schedule.t_from_sigma_tilde(torch.tensor(noise.support(), dtype=torch.float64))
 
 
 class VPNoise(_SigmaDistribution):
@@ -265,6 +280,9 @@ class VPNoise(_SigmaDistribution):
         if not 0 <= eps_t < 1:
             raise ValueError(f"eps_t={eps_t} must lie in [0, 1)")
         self.eps_t, self.vp = eps_t, VPSDE(beta_d=beta_d, beta_min=beta_min)
+
+    def support(self) -> tuple[float, float]:
+        return float(self.vp.sigma_tilde(self.eps_t)), float(self.vp.sigma_tilde(1.0))
 
     def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         u = torch.rand(_check_n(n), generator=generator, dtype=torch.float64, device=device)
@@ -278,6 +296,9 @@ class LogUniform(_SigmaDistribution):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def support(self) -> tuple[float, float]:
+        return self.sigma_min, self.sigma_max
 
     def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         u = torch.rand(_check_n(n), generator=generator, dtype=torch.float64, device=device)
@@ -293,6 +314,10 @@ class LogNormal(_SigmaDistribution):
             raise ValueError(f"P_std={P_std} must be > 0")
         self.P_mean, self.P_std = P_mean, P_std
 
+    def support(self) -> tuple[float, float]:
+        z = -statistics.NormalDist().inv_cdf(1e-6)  # 4.75
+        return math.exp(self.P_mean - z * self.P_std), math.exp(self.P_mean + z * self.P_std)
+
     def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         u = torch.randn(_check_n(n), generator=generator, dtype=torch.float64, device=device)
         return torch.exp(self.P_mean + self.P_std * u)
@@ -307,6 +332,9 @@ class IDDPMNoise(_SigmaDistribution):
         if not (isinstance(M, int) and M >= 1):
             raise ValueError(f"M={M!r} must be a positive integer")
         self.M, self.u = M, iddpm_sigmas(M, C1, C2)
+
+    def support(self) -> tuple[float, float]:
+        return float(self.u[self.M - 1]), float(self.u[0])  # u_M = 0 is not drawn
 
     def sigma(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
         j = torch.randint(0, self.M, (_check_n(n),), generator=generator, device=device)

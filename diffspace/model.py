@@ -124,6 +124,7 @@ class Diffusion(torch.nn.Module):
             self.noise = losses.ImportanceSampler(self.schedule.T)
         else:
             self.noise = losses.noise_distribution(noise or preset.noise, **(preset.noise_kwargs if not noise else {}))
+            losses.check_noise(self.noise, self.schedule)
         self.uncertainty = losses.Uncertainty() if uncertainty else None  # EDM2's learned weighting u(t)
         if uncertainty and objective == "vlb":
             raise ValueError("model.uncertainty=true reweights the weighted loss; objective='vlb' is the bound itself")
@@ -323,6 +324,7 @@ class NoisyClassifier(torch.nn.Module):
         self.F, self.preset, self.schedule = F, preset, preset.training_schedule
         self.shape, self.num_classes = tuple(shape), num_classes
         self.noise = losses.noise_distribution(preset.noise, **preset.noise_kwargs)
+        losses.check_noise(self.noise, self.schedule)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, shape: tuple, num_classes: int) -> "NoisyClassifier":

@@ -13,6 +13,7 @@ diffspace's read-backs per step.
 
 import collections
 import json
+import math
 import sys
 
 import pytest
@@ -199,6 +200,27 @@ def test_unchecked_skips_the_checks_only_inside_and_changes_no_value():
     assert all(torch.equal(a, b) for a, b in zip(inside, checked))
     with pytest.raises(ValueError, match="sigma=-1 is invalid"):  # a number: checked before it is filled in
         precond.per_sample(-1.0, torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("preset,noise", [("vp", "iddpm"), ("ve", "vp"), ("ve", "edm"), ("ve", "iddpm"), ("ddpm", "iddpm")])
+def test_a_noise_law_the_schedule_cannot_reach_is_refused_where_the_model_is_built(preset, noise):
+    """The training step no longer checks its t (it clamps): the check moved to the model's construction,
+    where the law's support (an unbounded law's 1e-6 quantiles) must map into the schedule's time."""
+    with pytest.raises(ValueError, match=f"is outside the range of the {PRESETS[preset].training_schedule.name} schedule"):
+        _model(preset, **{"model.noise": noise})
+
+
+def test_noise_laws_the_schedule_reaches_build_and_their_supports_are_right():
+    from diffspace.losses import IDDPMNoise, LogNormal, LogUniform, VPNoise
+
+    for preset, noise in [("vp", "edm"), ("ddpm", "edm"), ("edm", "ve"), ("iddpm", "iddpm"), ("rectified-flow", "edm")]:
+        _model(preset, **{"model.noise": noise})
+    assert LogUniform(0.02, 100).support() == (0.02, 100)
+    lo, hi = LogNormal(-1.2, 1.2).support()  # exp(-1.2 -+ 4.7534 * 1.2): the normal's 1e-6 quantile, scipy-free
+    assert lo == pytest.approx(math.exp(-1.2 - 4.753424 * 1.2), rel=1e-6) and hi == pytest.approx(math.exp(-1.2 + 4.753424 * 1.2), rel=1e-6)
+    u = IDDPMNoise().u
+    assert IDDPMNoise().support() == (float(u[999]), float(u[0])) and u[1000] == 0 and float(u[999]) > 0
+    assert VPNoise().support() == pytest.approx((math.sqrt(math.exp(0.5 * 19.9e-10 + 0.1e-5) - 1), math.sqrt(math.exp(19.9 / 2 + 0.1) - 1)))
 
 
 def test_on_device_copies_a_table_once_per_device_and_dtype():
