@@ -18,7 +18,7 @@ import torch
 from . import distributed, process
 from .parameterization import broadcast
 from .samplers import check_tolerances, dormand_prince, get_sigmas
-from .schedules import DiscreteVP
+from .schedules import DiscreteVP, on_device, unchecked
 
 Tensor = torch.Tensor
 
@@ -180,16 +180,19 @@ def model_vlb(denoiser, x: Tensor, chain: DiscreteVP, variance="beta", levels: i
     learned = callable(variance)
 
     def model_fn(x_t: Tensor, i: Tensor):
-        abar = chain.alphas_bar.to(x_t.device)[i]
+        abar = on_device(chain, "alphas_bar", x_t.device)[i]
         x_tilde = torch.where(broadcast(abar, x_t) == 0, x_t, x_t / broadcast(abar.sqrt(), x_t).to(x_t.dtype))  # eps at SNR 0
         sigma = (1 / abar - 1).sqrt().to(x_t.dtype)
         x0_hat, v = variance(x_tilde, sigma) if learned else (denoiser(x_tilde, sigma), None)
         mean = process.ddpm_posterior(x0_hat, x_t, i, chain)[0]
-        var = process.learned_variance(v, i, chain) if learned else process.reverse_variance(chain, variance)[i - 1]
-        return mean, var
+        if learned:
+            return mean, process.learned_variance(v, i, chain)
+        fixed = on_device(chain, f"reverse variance {variance}", x_t.device, make=lambda: process.reverse_variance(chain, variance))
+        return mean, fixed[i - 1]
 
     decoder = "discretized" if levels else "gaussian"
-    return process.vlb(x, model_fn, chain, generator=generator, decoder=decoder, levels=levels or 256)
+    with unchecked():  # the steps i are made here, in 1..T: no value checks, each a host-device sync on a GPU
+        return process.vlb(x, model_fn, chain, generator=generator, decoder=decoder, levels=levels or 256)
 
 
 # -- sample quality beside its noise floor -------------------------------------------------------------

@@ -166,6 +166,27 @@ def test_guided_sampler_steps_read_nothing_back_without_an_interval(traffic):
         assert traffic.seen == {} and D.guided == 2 * 5
 
 
+@pytest.mark.parametrize("preset,options", [("ddpm", {}), ("edm", {}), ("ddpm", {"model.objective": "hybrid"})])
+def test_the_bound_of_eval_has_no_traffic_per_step_of_its_chain(preset, options):
+    """evaluate.model_vlb over 10 and over 20 steps of the chain: the same traffic (its prior term's
+    two coefficients copied once), none per step. (Before: a table copied and about 9 read-backs per
+    step, and the fixed variance indexed on the CPU with the device's step indices.)"""
+    from diffspace.evaluate import model_vlb, vlb_chain
+
+    model = _model(preset, **options)
+    variance = model.denoise_with_variance if options else "beta"
+    seen = []
+    for steps in (10, 20):
+        x, chain = torch.randn(4, *model.shape, device="meta"), vlb_chain(model, steps)
+        with torch.no_grad(), DeviceTraffic():
+            model_vlb(model, x, chain, variance=variance)  # warm: the chain's tables copied once
+        mode = DeviceTraffic()
+        with torch.no_grad(), mode:
+            model_vlb(model, x, chain, variance=variance)
+        seen.append(mode.seen)
+    assert seen[0] == seen[1] and sum(seen[1].values()) <= 2 and not any(k.startswith("read") for k in seen[1])
+
+
 def test_sample_runs_the_sampler_unchecked_and_checks_again_after(monkeypatch):
     states = []
     original = SAMPLERS["euler"]
