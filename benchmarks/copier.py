@@ -25,7 +25,6 @@ import time_to_quality as ttq  # noqa: E402
 
 
 def main() -> None:
-    from diffspace.evaluate import real_sets
     from diffspace.features import digits_feature_net, digits_metrics
     from diffspace.train import load_data
 
@@ -37,8 +36,8 @@ def main() -> None:
 
     data, train_set, test_set = load_data(ttq.config({**ttq.COMMON, **ttq.EDM, "data.test_fraction": 0.5}, 1, 0))
     net, n, real = digits_feature_net(), 898, test_set.x
-    c = statistics.mean(digits_metrics(b, a, net)["FD_digits"] for a, b in (real_sets(data, n, seed=k) for k in range(8))) * n / 2
-    floor = c / n + digits_metrics(train_set.x, real, net)["FD_digits"] / 2
+    c = ttq.halvings(data, n, net, 8)[1]
+    floor = c / n + digits_metrics(train_set.x, real, net)["FD_digits"] / 2  # time_to_quality's held-out floor_of(n)
     print(f"{len(train_set)} training digits, {len(real)} held out; c = {c:.0f}; the floor of {n} samples {floor:.2f}")
     x, y, g = train_set.x, train_set.labels, torch.Generator().manual_seed(0)
     copies = lambda: x[torch.randint(0, len(x), (n,), generator=g)]

@@ -111,6 +111,16 @@ def recipe(name: str) -> tuple[str, dict, tuple, bool]:
     return name, {**COMMON, **overrides, **({"train.lr": float(lr)} if lr else {})}, samplers, bool(ag)
 
 
+def halvings(data, n: int, net, sets: int) -> tuple[list, float]:
+    """`sets` random halvings of the digits (evaluate.real_sets, seeds 0..sets-1), each as (one half, the
+    other half's FD against it), and FD's bias constant c: two real sets of n are about c (1 / n + 1 / n) apart."""
+    from diffspace.evaluate import real_sets
+    from diffspace.features import digits_metrics
+
+    halves = [(a, digits_metrics(b, a, net)["FD_digits"]) for a, b in (real_sets(data, n, seed=k) for k in range(sets))]
+    return halves, statistics.mean(f for _, f in halves) * n / 2
+
+
 def config(overrides: dict, steps: int, seed: int):
     from diffspace.config import Config, set_option
 
@@ -264,9 +274,8 @@ def run_all(args, out: Path) -> None:
     real, other = real_sets(data, args.n)
     floor = digits_metrics(other, real, net)["FD_digits"]
     n = min(args.n, len(real))
-    halves = [(a, digits_metrics(b, a, net)["FD_digits"]) for a, b in (real_sets(data, n, seed=k) for k in range(args.sets))]
+    halves, c = halvings(data, n, net, args.sets)
     floors = [f for _, f in halves]
-    c = statistics.mean(floors) * n / 2  # FD's bias c (1 / n + 1 / n) of two real sets of n
     print(f"digits: FD floor (real half against real half, n = {n}): {floor:.2f}; over {args.sets} random halvings "
           f"{statistics.mean(floors):.2f} (s.d. {statistics.stdev(floors):.2f})")
     floor_of = lambda size, n_real=len(data): c * (1 / size + 1 / n_real)  # N samples against all the digits

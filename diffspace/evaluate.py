@@ -185,10 +185,8 @@ def model_vlb(denoiser, x: Tensor, chain: DiscreteVP, variance="beta", levels: i
         sigma = (1 / abar - 1).sqrt().to(x_t.dtype)
         x0_hat, v = variance(x_tilde, sigma) if learned else (denoiser(x_tilde, sigma), None)
         mean = process.ddpm_posterior(x0_hat, x_t, i, chain)[0]
-        if learned:
-            return mean, process.learned_variance(v, i, chain)
-        fixed = on_device(chain, f"reverse variance {variance}", x_t.device, make=lambda: process.reverse_variance(chain, variance))
-        return mean, fixed[i - 1]
+        var = process.learned_variance(v, i, chain) if learned else process.reverse_variance_on(chain, variance, x_t.device)[i - 1]
+        return mean, var
 
     decoder = "discretized" if levels else "gaussian"
     with unchecked():  # the steps i are made here, in 1..T: no value checks, each a host-device sync on a GPU

@@ -26,7 +26,7 @@ from .coupling import COUPLINGS, draw_noise
 from .parameterization import PARAMETERIZATIONS, broadcast, target, to_x0
 from .precond import ConditionedInput, Denoiser, ParameterizedDenoiser, per_sample
 from .presets import Preset, get_preset
-from .schedules import DiscreteVP, on_device
+from .schedules import DiscreteVP
 
 Tensor = torch.Tensor
 
@@ -251,7 +251,7 @@ class Diffusion(torch.nn.Module):
         z, _ = process.q_sample(x.double(), chain.discrete_t(i), chain, eps=eps.double())
         mean = process.ddpm_posterior(x0_hat.double(), z, i, chain)[0]
         if v is None:
-            var = on_device(chain, "reverse variance beta", x.device, make=lambda: process.reverse_variance(chain, "beta"))[i - 1]
+            var = process.reverse_variance_on(chain, "beta", x.device)[i - 1]
         else:
             var = process.learned_variance((v.double() + 1) / 2, i, chain)
         decoder = "discretized" if self.levels else "gaussian"

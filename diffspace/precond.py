@@ -27,6 +27,7 @@ ln(sigma) / 4); `ParameterizedDenoiser` feeds z_t = sigma_t eps there.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,21 +67,24 @@ class Preconditioner:
 
     def __call__(self, sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         sigma = check_sigma(sigma)
-        at_inf = torch.isinf(sigma)
-        if not checking():  # schedules.unchecked(): no read-back of at_inf; the limits (if any) go where sigma = inf
-            limits = self._at_infinity()
-            return self._coefficients(sigma) if limits is None else self._with_limits(sigma, at_inf, limits)
-        if not bool(at_inf.any()):
+        if not checking():  # schedules.unchecked(): nothing read back; the limits (if any) go where sigma = inf
+            return self._coefficients(sigma) if self._limits is None else self._with_limits(sigma)
+        if not bool(torch.isinf(sigma).any()):
             return self._coefficients(sigma)
-        limits = self._at_infinity()
-        if limits is None:
+        if self._limits is None:
             raise ValueError(f"sigma=inf (zero SNR) is not allowed with {self!r}: its c_out or c_noise diverges "
                              "there; allowed: a v-, x0- or flow-predicting preconditioner (e.g. the ztsnr preset)")
-        return self._with_limits(sigma, at_inf, limits)
+        return self._with_limits(sigma)
 
-    def _with_limits(self, sigma: Tensor, at_inf: Tensor, limits: tuple) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    @functools.cached_property
+    def _limits(self) -> tuple[float, float, float, float] | None:
+        """_at_infinity(), computed once."""
+        return self._at_infinity()
+
+    def _with_limits(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        at_inf = torch.isinf(sigma)
         finite = self._coefficients(torch.where(at_inf, torch.ones_like(sigma), sigma))
-        return tuple(torch.where(at_inf, torch.full_like(c, lim), c) for c, lim in zip(finite, limits))
+        return tuple(torch.where(at_inf, torch.full_like(c, lim), c) for c, lim in zip(finite, self._limits))
 
     def _coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError

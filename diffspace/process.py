@@ -117,6 +117,11 @@ def reverse_variance(schedule: DiscreteVP, kind: str) -> Tensor:
     return torch.cat([first, (betas if kind == "beta" else beta_tilde(schedule))[1:]])
 
 
+def reverse_variance_on(schedule: DiscreteVP, kind: str, device) -> Tensor:
+    """reverse_variance(schedule, kind) on `device`, copied there once (schedules.on_device)."""
+    return on_device(schedule, f"reverse variance {kind}", device, make=lambda: reverse_variance(schedule, kind))
+
+
 def learned_variance(v: Tensor, i, schedule: DiscreteVP) -> Tensor:
     """A learned reverse variance at steps i: Sigma = exp(v log beta_t + (1 - v) log beta~_t), v in
     [0, 1] elementwise, interpolating the two fixed choices in log space (Nichol & Dhariwal 2021,

@@ -56,7 +56,7 @@ def checking() -> bool:
 
 def any_bad(bad: Tensor) -> bool:
     """bool(bad.any()) while checking; False inside `unchecked()`, without reading bad back."""
-    return _CHECKS.get() and bool(bad.any())
+    return checking() and bool(bad.any())
 
 
 def on_device(owner, name: str, device: torch.device, dtype: torch.dtype | None = None, make=None) -> Tensor:
