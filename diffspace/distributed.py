@@ -27,16 +27,20 @@ def requested() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-_DEVICE = {"device": torch.device("cpu")}  # where the small collectives below put their tensors (NCCL: the GPU)
+_HOST = {"group": None}  # the group of the host-side agreements below (`most`, `any_rank`, ...)
 
 
 def init(device: torch.device) -> None:
-    """Join the process group torchrun describes (once); NCCL for CUDA devices, gloo otherwise."""
+    """Join the process group torchrun describes (once); NCCL for CUDA devices, gloo otherwise.
+    Under NCCL a second, gloo group carries the small host-side agreements (the stop flag each step,
+    counts): on the GPU's group each would be a device tensor read back, a synchronisation per step."""
     if requested() and not dist.is_initialized():
-        _DEVICE["device"] = device
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = datetime.timedelta(minutes=10)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", timeout=timeout, device_id=device)
+            _HOST["group"] = dist.new_group(backend="gloo", timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
 
 
 def active() -> bool:
@@ -99,8 +103,8 @@ def most(value: int) -> int:
     """The largest of the ranks' integers."""
     if not active():
         return value
-    t = torch.tensor([value], device=_DEVICE["device"])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([value])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST["group"])
     return int(t.item())
 
 
@@ -108,8 +112,8 @@ def any_rank(flag: bool) -> bool:
     """True on every rank if flag is True on any (e.g. a signal that reached only some)."""
     if not active():
         return flag
-    t = torch.tensor([int(flag)], device=_DEVICE["device"])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST["group"])
     return bool(t.item())
 
 
@@ -117,8 +121,8 @@ def same_on_all_ranks(value: int, what: str) -> None:
     """ValueError unless every rank holds the same integer (e.g. the step it resumes from)."""
     if not active():
         return
-    t = torch.tensor([value, -value], device=_DEVICE["device"])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([value, -value])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_HOST["group"])
     if int(t[0]) != -int(t[1]):
         raise ValueError(f"the ranks disagree on {what}: from {int(t[0])} to {-int(t[1])}")
 
@@ -131,3 +135,4 @@ def barrier() -> None:
 def close() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _HOST["group"] = None

@@ -119,6 +119,51 @@ def test_commands_that_do_not_shard_refuse_torchrun_in_one_line(tmp_path, monkey
     assert not (tmp_path / "c").exists()
 
 
+HOST_GROUP = """
+import torch, torch.distributed as dist
+from diffspace import distributed
+real = dist.init_process_group
+def fake_nccl(backend, **kw):  # no NCCL on this CPU: the GPU group is gloo too, the code path is the CUDA one
+    assert backend == "nccl" and kw.pop("device_id") == torch.device("cuda", 0)
+    real("gloo", **kw)
+dist.init_process_group = fake_nccl
+distributed.init(torch.device("cuda", 0))
+host = distributed._HOST["group"]
+assert host is not None and dist.get_backend(host) == "gloo"
+sent = []
+real_all_reduce = dist.all_reduce
+def spy(t, op=None, group=None):
+    sent.append((group is host, t.device.type))
+    return real_all_reduce(t, op=op, group=group)
+dist.all_reduce = spy
+r = distributed.rank()
+assert distributed.most(10 * r + 3) == 13
+assert distributed.any_rank(r == 1) and not distributed.any_rank(False)
+distributed.same_on_all_ranks(7, "a count")
+try:
+    distributed.same_on_all_ranks(r, "the step")
+    raise SystemExit("no error")
+except ValueError as e:
+    assert "the ranks disagree on the step: from 0 to 1" in str(e)
+assert sent == [(True, "cpu")] * 5, sent
+distributed.close()
+assert distributed._HOST["group"] is None
+import os
+os.write(1, f"ok{r} ".encode())  # one write each: the ranks share stdout
+"""
+
+
+def test_host_side_agreements_travel_on_a_gloo_group_beside_nccl(tmp_path):
+    """Under NCCL the stop flag and counts go over a CPU (gloo) group: on the GPU's group each
+    agreement would be a device tensor read back, one host-device synchronisation per step."""
+    script = tmp_path / "host.py"
+    script.write_text(HOST_GROUP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and sorted(r.stdout.split()) == ["ok0", "ok1"], r.stderr[-3000:]
+
+
 def _workers(parent: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
