@@ -362,10 +362,9 @@ class ImportanceSampler(torch.nn.Module):
 
     def probabilities(self) -> Tensor:
         """p_i, i = 1..T (shape (T,)): uniform until warm, then sqrt(mean L_i^2) mixed with uniform."""
-        if bool((self.count < self.history.shape[1]).any()):
-            return torch.full((self.T,), 1 / self.T, dtype=torch.float64, device=self.history.device)
+        warm = (self.count == self.history.shape[1]).all()  # a device value: chosen by where, not read back
         w = self.history.pow(2).mean(dim=1).sqrt()
-        return (1 - self.uniform_prob) * w / w.sum() + self.uniform_prob / self.T
+        return torch.where(warm, (1 - self.uniform_prob) * w / w.sum() + self.uniform_prob / self.T, 1 / self.T)
 
     def sample(self, n: int, schedule: DiscreteVP, generator: torch.Generator | None = None, device=None):
         """(t = i / T, weight 1 / (T p_i)), each of shape (n,)."""
@@ -380,18 +379,23 @@ class ImportanceSampler(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, t: Tensor, losses: Tensor) -> None:
-        """Record the (unweighted) per-sample losses at t = i / T, oldest first out. The bookkeeping
-        runs on CPU copies (the buffers themselves on CPU), two transfers per call on a GPU."""
-        history, count = self.history.cpu(), self.count.cpu()
-        for i, loss in zip(torch.round(t * self.T).long().tolist(), losses.double().tolist()):
-            row, k = history[i - 1], int(count[i - 1])
-            if k == row.numel():
-                row.copy_(torch.roll(row, -1))
-                k -= 1
-            row[k] = loss
-            count[i - 1] = k + 1
-        self.history.copy_(history)
-        self.count.copy_(count)
+        """Record the (unweighted) per-sample losses at t = i / T in batch order: row i keeps the last
+        `history` of its losses, oldest first. Vectorised, on the buffers' device (no read-back): the
+        row's old entries followed by its new ones, in order, form a sequence of length count_i + m_i
+        (m_i: the batch's losses at i), of which the last min(count_i + m_i, history) are kept."""
+        T, H = self.history.shape
+        i = torch.round(t.to(self.count.device) * T).long() - 1
+        m = self.count.new_zeros(T).index_add_(0, i, torch.ones_like(i))  # not bincount: its size is read back
+        new = losses.to(self.history).flatten()[torch.argsort(i, stable=True)]  # grouped by i, batch order kept
+        start = torch.cumsum(m, 0) - m  # where row i's new losses begin in `new`
+        total = self.count + m
+        kept = total.clamp(max=H)
+        q = torch.arange(H, device=i.device) + (total - kept)[:, None]  # position in the row's sequence
+        old = q < self.count[:, None]
+        value = torch.where(old, self.history.gather(1, q.clamp(max=H - 1)),
+                            new[(start[:, None] + q - self.count[:, None]).clamp(0, len(new) - 1)])
+        self.history.copy_(torch.where(torch.arange(H, device=i.device) < kept[:, None], value, self.history))
+        self.count.copy_(kept)
 
 
 class Uncertainty(torch.nn.Module):

@@ -99,6 +99,7 @@ def _training_step(model, labels=None, augment_labels=None):
         draw = model.draw(x, None)
         loss = model.loss(x, labels, t=draw.t, eps=draw.eps, augment_labels=augment_labels)
         loss.mean().backward()
+        model.observe(draw.t, loss)  # the importance sampler's history
 
 
 MODELS = [(p, {}) for p in PRESETS] + [
@@ -106,6 +107,7 @@ MODELS = [(p, {}) for p in PRESETS] + [
     ("ddpm", {"model.weighting": "vlb"}), ("ddpm", {"model.weighting": "min-snr"}),
     ("edm", {"model.uncertainty": "true"}), ("edm", {"model.class_conditional": "true"}),
     ("iddpm", {"model.noise": "iddpm"}), ("vp", {"model.noise": "logit-normal"}),
+    ("ddpm", {"model.objective": "vlb", "model.noise": "importance"}),
     ("edm", {"shape": IMAGES}), ("edm", {"shape": IMAGES, "model.network": "mp"}),
     ("edm", {"shape": IMAGES, "model.augment": 0.5}), ("ddpm", {"shape": IMAGES, "model.dropout": 0.1}),
 ] + [("vp", {"model.parameterization": p}) for p in ("x0", "eps", "score", "energy", "v", "flow")]

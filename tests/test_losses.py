@@ -302,6 +302,26 @@ def test_importance_sampler_is_uniform_until_warm_then_follows_the_second_moment
     assert stats.chisquare(observed, (N * expected).numpy()).pvalue > 1e-3
 
 
+def test_importance_sampler_history_equals_a_queue_per_step_fed_one_loss_at_a_time():
+    """The vectorised update against its definition: a queue of the last `history` losses per step,
+    appended one sample at a time in batch order; batches with many losses at a few steps (more than
+    `history` at one step in a batch) and batches of one."""
+    import collections
+
+    T, H = 7, 3
+    d = L.ImportanceSampler(T=T, history=H)
+    queues = [collections.deque(maxlen=H) for _ in range(T)]
+    g = gen(11)
+    for n in [1, 5, 40, 2, 64, 3, 1, 17]:
+        i = torch.randint(1, 4 if n == 40 else T + 1, (n,), generator=g)  # n = 40: steps 1-3 only
+        losses = torch.rand(n, generator=g, dtype=f64)
+        d.update(i.double() / T, losses)
+        for step, loss in zip(i.tolist(), losses.tolist()):
+            queues[step - 1].append(loss)
+        expected = torch.tensor([list(q) + [0.0] * (H - len(q)) for q in queues], dtype=f64)
+        assert torch.equal(d.history, expected) and d.count.tolist() == [len(q) for q in queues]
+
+
 def test_importance_sampling_keeps_the_mean_and_lowers_the_variance():
     """Monte Carlo: with losses L_i = 1 / i^2 recorded, E_p[L_i / (T p_i)] equals the uniform mean of L
     (within 4 standard errors) and its variance is below that of uniform sampling."""
