@@ -324,3 +324,29 @@ def test_a_divergence_deep_in_a_long_window_names_its_step_and_saves_nothing_aft
     err = capsys.readouterr().err
     assert "training diverged at step 22: the loss is nan" in err and "the last checkpoint (step 20) is kept" in err
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["ckpt-00000010", "ckpt-00000020"]
+
+
+def test_the_ema_update_is_a_few_multi_tensor_calls_whatever_the_number_of_tensors():
+    """On a GPU a call per parameter tensor is a kernel launch each (hundreds per step for a U-Net,
+    three times with two post-hoc EMA trackers); the update is one foreach lerp and one foreach copy."""
+    from diffspace.train import ema_update
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    for blocks in (1, 3):
+        model = _model("ddpm", IMAGES, **{"model.num_blocks": blocks, "model.noise": "importance"})  # buffers too
+        ema = _model("ddpm", IMAGES, **{"model.num_blocks": blocks, "model.noise": "importance"}).requires_grad_(False)
+        with Ops() as ops:
+            ema_update(ema, model, 0.999)
+        seen.append((len(list(model.parameters())), dict(ops.calls)))
+    (few, calls_few), (many, calls_many) = seen
+    assert many > few + 20 and calls_few == calls_many
+    assert sum(calls_many.values()) <= 4, calls_many
