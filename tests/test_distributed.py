@@ -72,6 +72,33 @@ def test_two_processes_train_what_one_does(tmp_path, name):
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(p.name for p in (one / "checkpoints").iterdir())
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_multi_node_form_trains_what_one_process_does(tmp_path):
+    """torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:PORT, two 'machines'
+    of one process each on this host: both ranks have LOCAL_RANK 0 (unlike --standalone), so a rank
+    taken from LOCAL_RANK where RANK is meant (seeds, the writer, the rows) would show here."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["train", *TINY, "--steps", "20", "log.checkpoint_every=10"]
+    assert main([*args, "--out", str(one)]) == 0
+    endpoint = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
+                               "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                               "--rdzv_id", "multi-node-test", "-m", "diffspace", *args, "--out", str(two)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in (0, 1)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert sum(out.count("trained to step 20") for out, _ in outs) == 1  # one writer over both machines
+    assert_same_training(one, two)
+
+
 def test_a_two_process_run_resumes_on_one(tmp_path):
     straight, moved = tmp_path / "straight", tmp_path / "moved"
     args = ["train", *TINY, "log.checkpoint_every=5"]
