@@ -45,7 +45,9 @@ def _site() -> str:
 
 
 class DeviceTraffic(TorchDispatchMode):
-    """Records, by diffspace's source line, each read-back of a meta tensor and each copy onto meta."""
+    """Records, by diffspace's source line, each read-back of a meta tensor and each copy onto meta,
+    and each op that meets a host tensor (not a 0-dim scalar) with a meta one: the meta device lets a
+    CPU table be indexed with its indices, where a GPU raises."""
 
     def __init__(self):
         super().__init__()
@@ -61,6 +63,10 @@ class DeviceTraffic(TorchDispatchMode):
             self.seen[f"copy to the device at {_site()}"] += 1
         if func is torch.ops.aten.copy_.default and args[0].device.type == "meta" and args[1].device.type != "meta":
             self.seen[f"copy to the device at {_site()}"] += 1
+        flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if any(a.device.type == "meta" for a in flat) and any(a.device.type == "cpu" and a.dim() > 0 for a in flat) \
+                and func not in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            self.seen[f"host tensor meets a device tensor in {func} at {_site()}"] += 1
         return func(*args, **kwargs)
 
 
@@ -134,8 +140,10 @@ def test_the_check_finds_the_syncs_that_the_value_checks_make(traffic):
         model.loss(x, None, t=draw.t, eps=draw.eps)
         model.schedule.log_alpha_bars.to("meta")
         torch.tensor([0.0, 1.0], device="meta")
-    kinds = {key.split(" at ")[0] for key in traffic.seen}
-    assert kinds == {"read-back", "copy to the device", "torch.tensor of host data to the device"}, traffic.seen
+        model.schedule.log_alpha_bars[torch.zeros(2, dtype=torch.long, device="meta")]  # a GPU would refuse it
+    kinds = {key.split(" at ")[0].split(" in ")[0] for key in traffic.seen}
+    assert kinds == {"read-back", "copy to the device", "torch.tensor of host data to the device",
+                     "host tensor meets a device tensor"}, traffic.seen
 
 
 @pytest.mark.parametrize("preset", ["edm", "ddpm", "ztsnr", "rectified-flow"])
