@@ -358,3 +358,36 @@ def test_the_ema_update_is_a_few_multi_tensor_calls_whatever_the_number_of_tenso
     (few, calls_few), (many, calls_many) = seen
     assert many > few + 20 and calls_few == calls_many
     assert sum(calls_many.values()) <= 4, calls_many
+
+
+def test_control_and_the_deciding_samplers_meet_no_host_tensor_on_the_device():
+    """Inpainting (replacement, RePaint, reconstruction guidance, SMC), SDEdit, DDIM inversion, guidance
+    with an interval, x0 clipping, the adaptive and Langevin samplers: they may read values back (they
+    decide on them), but a host table met with device tensors would be an error on a GPU."""
+    from diffspace import edit
+
+    model = _model("edm", **{"model.class_conditional": "true"})
+    labels = torch.zeros(2, dtype=torch.long, device="meta")
+    D = lambda x, s: model(x, s, labels[:1].expand(len(x)))  # noqa: E731
+    sigmas = plan(model.preset, SampleConfig(sampler="heun", nfe=5)).sigmas
+    y = torch.randn(2, *model.shape, device="meta")
+    mask = torch.zeros(2, *model.shape, dtype=torch.bool, device="meta")
+    runs = {
+        "replace": lambda: edit.inpaint(D, y, mask, sigmas, "heun"),
+        "repaint": lambda: edit.inpaint(D, y, mask, sigmas, "heun", method="repaint", jump_length=2, jump_n_sample=2),
+        "reconstruction": lambda: edit.inpaint(D, y, mask, sigmas, "heun", reconstruction=1.0),
+        "smc": lambda: edit.inpaint(D, y, mask, plan(model.preset, SampleConfig(sampler="ddpm", nfe=5)).sigmas, "ddpm",
+                                    method="smc", particles=3),
+        "sdedit": lambda: edit.sdedit(D, y, sigmas, 0.5),
+        "inversion": lambda: edit.decode(D, edit.encode(D, y, sigmas), sigmas),
+        "cfg interval": lambda: SAMPLERS["heun"](guidance.classifier_free(model, labels, 10, 2.0, interval=(0.1, 5.0)), y, sigmas),
+        "clip": lambda: SAMPLERS["heun"](guidance.clip_x0(D, 1.0), y, sigmas),
+    }
+    for name, nfe in (("adaptive", 0), ("langevin", 300)):
+        p = plan(model.preset, SampleConfig(sampler=name, nfe=nfe))
+        runs[name] = lambda p=p, name=name: SAMPLERS[name](D, y, p.sigmas, **p.options)
+    for name, run in runs.items():
+        mode = DeviceTraffic()
+        with torch.no_grad(), unchecked(), mode:
+            run()
+        assert not any("meets" in key for key in mode.seen), (name, mode.seen)
