@@ -21,7 +21,7 @@ import statistics
 import torch
 
 from .parameterization import broadcast, check_parameterization, target
-from .schedules import VPSDE, DiscreteVP, Schedule, any_bad, as_tensor, fmt, iddpm_sigmas, on_device
+from .schedules import VPSDE, DiscreteVP, Schedule, as_tensor, checking, fmt, iddpm_sigmas, on_device
 
 Tensor = torch.Tensor
 
@@ -68,7 +68,7 @@ def convert_weight(w, src: str, dst: str, t, schedule: Schedule) -> Tensor:
     """
     (c_src, m_src), (c_dst, m_dst) = _error_scale(src, t, schedule), _error_scale(dst, t, schedule)
     alpha = schedule.alpha(as_tensor(t))
-    if m_dst > m_src and any_bad(alpha == 0):
+    if m_dst > m_src and checking() and bool((alpha == 0).any()):
         raise ValueError(f"a {src}-space weight has no value in the {dst} loss space where alpha_t = 0 (zero SNR, "
                          f"t={fmt(as_tensor(t)[alpha == 0])}): the {dst} error vanishes there; allowed: x0, v, flow")
     return as_tensor(w) * (c_src / c_dst) ** 2 * alpha ** (2 * (m_src - m_dst))
@@ -100,10 +100,9 @@ def vlb_weight(t, schedule: DiscreteVP, variance: str = "beta") -> Tensor:
     if variance not in ("beta", "beta_tilde"):
         raise ValueError(f"variance={variance!r} is not allowed; use 'beta' or 'beta_tilde'")
     i = as_tensor(t)
-    bad = (i != torch.round(i)) | (i < 1) | (i > schedule.T)
-    if any_bad(bad):
+    if checking() and bool((bad := (i != torch.round(i)) | (i < 1) | (i > schedule.T)).any()):
         raise ValueError(f"t={i[bad].flatten()[:3].tolist()} must be integer step indices in 1..{schedule.T}")
-    if variance == "beta_tilde" and any_bad(i == 1):
+    if variance == "beta_tilde" and checking() and bool((i == 1).any()):
         raise ValueError("t=1 with variance='beta_tilde' has beta_tilde_1 = 0 (infinite weight); use t in 2..T or 'beta'")
     i = i.long()
     beta, abar = on_device(schedule, "betas", i.device)[i - 1], on_device(schedule, "alphas_bar", i.device)

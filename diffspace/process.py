@@ -16,7 +16,7 @@ import math
 import torch
 
 from .parameterization import broadcast, coefficients, to_x0
-from .schedules import DiscreteVP, Schedule, any_bad, as_tensor, fmt, on_device
+from .schedules import DiscreteVP, Schedule, as_tensor, checking, fmt, on_device
 
 Tensor = torch.Tensor
 
@@ -43,8 +43,7 @@ def transition(schedule: Schedule, s, t) -> tuple[Tensor, Tensor]:
     alpha_{t|s}^2 sigma_s^2 / sigma_t^2 = SNR_t / SNR_s), which has no cancellation when s ~ t.
     """
     s, t = as_tensor(s), as_tensor(t)
-    bad = ~(s < t)
-    if any_bad(bad):
+    if checking() and bool((bad := ~(s < t)).any()):
         s_bad, t_bad = torch.broadcast_tensors(s, t)
         raise ValueError(f"s={fmt(s_bad[bad])}, t={fmt(t_bad[bad])}: the posterior needs s < t")
     alpha_ts = schedule.alpha(t) / schedule.alpha(s)
@@ -82,8 +81,7 @@ def _check_chain(schedule) -> DiscreteVP:
 
 def _check_index(i, schedule: DiscreteVP) -> Tensor:
     i = torch.as_tensor(i)
-    bad = (i < 1) | (i > schedule.T)
-    if any_bad(bad):
+    if checking() and bool((bad := (i < 1) | (i > schedule.T)).any()):
         raise ValueError(f"step i={fmt(i[bad])} is outside 1..{schedule.T}")
     return i.long()
 

@@ -40,7 +40,8 @@ def unchecked():
     queued kernel, so the host cannot run ahead and the GPU idles while the next kernels are
     launched. The training loop's t are right by construction (drawn from the noise distribution)
     and pass some 16 checks per step, one of them between the forward and the backward pass: it
-    runs the step in this block. Everywhere else bad input still gets its error.
+    runs the step in this block, where the checks' masks are not even computed (a few kernels
+    each). Everywhere else bad input still gets its error.
     """
     token = _CHECKS.set(False)
     try:
@@ -52,11 +53,6 @@ def unchecked():
 def checking() -> bool:
     """False inside `unchecked()`."""
     return _CHECKS.get()
-
-
-def any_bad(bad: Tensor) -> bool:
-    """bool(bad.any()) while checking; False inside `unchecked()`, without reading bad back."""
-    return checking() and bool(bad.any())
 
 
 def on_device(owner, name: str, device: torch.device, dtype: torch.dtype | None = None, make=None) -> Tensor:
@@ -81,8 +77,7 @@ def fmt(values: Tensor) -> str:
 def check_sigma(sigma) -> Tensor:
     """sigma as a tensor (numbers become float64); ValueError if any value is negative or NaN."""
     s = as_tensor(sigma)
-    bad = torch.isnan(s) | (s < 0)
-    if any_bad(bad):
+    if checking() and bool((bad := torch.isnan(s) | (s < 0)).any()):
         raise ValueError(f"sigma={fmt(s[bad])} is invalid: a noise level must be >= 0")
     return s
 
@@ -100,8 +95,7 @@ class Schedule:
     # -- domain -------------------------------------------------------------------------------
     def check_t(self, t) -> Tensor:
         t = as_tensor(t)
-        bad = torch.isnan(t) | (t < self.t_min) | (t > self.t_max)
-        if any_bad(bad):
+        if checking() and bool((bad := torch.isnan(t) | (t < self.t_min) | (t > self.t_max)).any()):
             raise ValueError(
                 f"t={fmt(t[bad])} is outside the time domain [{self.t_min:g}, {self.t_max:g}] "
                 f"of the {self.name} schedule"
@@ -155,8 +149,7 @@ class Schedule:
 
     def _check_t_result(self, t: Tensor, what: str, value: Tensor) -> Tensor:
         tol = 1e-9 * max(1.0, abs(self.t_max) if math.isfinite(self.t_max) else 1.0)
-        bad = torch.isnan(t) | (t < self.t_min - tol) | (t > self.t_max + tol)
-        if any_bad(bad):
+        if checking() and bool((bad := torch.isnan(t) | (t < self.t_min - tol) | (t > self.t_max + tol)).any()):
             raise ValueError(
                 f"{what}={fmt(value[bad])} is outside the range of the {self.name} schedule "
                 f"(t would be {fmt(t[bad])}, allowed [{self.t_min:g}, {self.t_max:g}])"
@@ -227,7 +220,7 @@ class DiscreteVP(VPSchedule):
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         bad = (betas <= 0) | (betas > 1) | ((betas == 1) & (torch.arange(betas.numel()) < betas.numel() - 1))
-        if any_bad(bad):
+        if checking() and bool(bad.any()):
             raise ValueError(f"betas={fmt(betas[bad])} must lie in (0, 1); only the last may be 1 (zero terminal SNR)")
         self.betas = betas
         self.T = betas.numel()
