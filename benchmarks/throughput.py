@@ -10,6 +10,8 @@ Measured per layout, same batch, same threads, repetitions interleaved (A B A B 
 the machine hits both alike; the median of each is printed with its ratio to diffusers:
 * train img/s: forward + MSE loss + backward + AdamW step on random data;
 * ms per network evaluation: one no-grad forward of the batch (what a sampler spends per NFE).
+* ops / train step: the aten operators one eager forward + loss + backward dispatches (views left
+  out), each a kernel launch or more on a GPU: the host's share when kernels are short.
 diffspace's U-Net is run with its default ADM scale-shift conditioning and with DDPM's added
 conditioning (model.scale_shift = false), which makes it UNet2DModel's architecture, parameter for
 parameter (35,746,307 in the cifar10 layout); eager, then channels_last. With --compile both
@@ -99,6 +101,28 @@ def flops(case: Case, x, t) -> float:
     return counter.get_total_flops()
 
 
+def dispatched(case: Case, x, t) -> int | None:
+    """aten operators (views left out) that one eager train step's forward + loss + backward dispatches:
+    on a GPU each is a kernel launch or more, the host's work per step when the kernels are short.
+    None for a compiled case (its graph is not dispatched op by op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if case.forward is not case.net:
+        return None
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        (case.call(case.net, x, t).float() - x).pow(2).mean().backward()
+    case.opt.zero_grad(set_to_none=True)
+    return counter.n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layouts", default="small,cifar10")
@@ -113,9 +137,9 @@ def main() -> None:
     layouts, reps = (["small"], 2) if args.quick else (args.layouts.split(","), args.reps)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, batch {args.batch}, "
           f"{reps} interleaved repetitions (median)\n")
-    print("| layout | network | parameters | train img/s | x diffusers | ms / evaluation | x diffusers |" +
+    print("| layout | network | parameters | train img/s | x diffusers | ms / evaluation | x diffusers | ops / train step |" +
           (" MFU | peak GiB (train step) |" if device.type == "cuda" else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if device.type == "cuda" else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if device.type == "cuda" else ""))
     for name in layouts:
         layout = LAYOUTS[name]
         torch.manual_seed(0)
@@ -153,11 +177,12 @@ def main() -> None:
         for c in cases:
             tr, ev = statistics.median(train_s[c.name]), statistics.median(eval_s[c.name])
             row = (f"| {name} | {c.name} | {c.params / 1e6:.2f} M | {args.batch / tr:.1f} | {base_train / tr:.2f} | "
-                   f"{1e3 * ev:.1f} | {base_eval / ev:.2f} |")
+                   f"{1e3 * ev:.1f} | {base_eval / ev:.2f} | {dispatched(c, *inputs[c.name]) or '-'} |")
             if device.type == "cuda":
                 row += f" {100 * flops(c, *inputs[c.name]) / tr / (args.peak_tflops * 1e12):.1f}% | {memory[c.name]:.2f} |"
             print(row)
-    print("\nx diffusers: diffusers' time / this row's time (> 1: faster than diffusers).")
+    print("\nx diffusers: diffusers' time / this row's time (> 1: faster than diffusers). ops / train step: aten\n"
+          "operators (not views) dispatched by one eager forward + loss + backward, each a kernel launch or more on a GPU.")
 
 
 if __name__ == "__main__":
