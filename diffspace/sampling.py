@@ -191,7 +191,8 @@ def describe_guidance(cfg: SampleConfig, auto: bool = False) -> str:
 class Samples:
     """x (n, *shape) at sigma = 0, their labels (or None), the plan, and what the denoiser spent:
     `evaluations` = the sampler's calls, counted (plan.nfe for one batch where the plan knows it),
-    `guided` = those that also evaluated a guide (a doubled batch for CFG)."""
+    `guided` = those that also evaluated a guide (a doubled batch for CFG), `energies` = MALA's calls of
+    the model's energy (a network forward each, beside the denoiser's)."""
 
     x: Tensor
     labels: Tensor | None
@@ -199,6 +200,7 @@ class Samples:
     evaluations: int
     guided: int
     guidance: str = ""  # describe_guidance of the config
+    energies: int = 0
 
     @property
     def steps(self) -> int | None:
@@ -209,13 +211,15 @@ class Samples:
         spent = f"NFE {self.evaluations}" + (" spent on its own steps" if self.plan.nfe is None else "")
         steps = f"{self.steps} steps, " if self.steps is not None else ""
         text = f"sampler {self.plan.sampler}, {steps}{spent}" + (f", {self.guidance}" if self.guidance else "")
+        if self.energies:
+            text += f", and {self.energies} evaluations of the energy"
         if self.guided:
             text += f" (the guide evaluated too on {self.guided} of {self.evaluations} calls)"
         return text
 
 
 class Counted:
-    """A denoiser D(x, sigma) that counts its calls."""
+    """A function of (x, sigma), a denoiser or an energy, that counts its calls."""
 
     def __init__(self, denoiser):
         self.denoiser, self.calls = denoiser, 0
@@ -263,18 +267,19 @@ def sample(model, n: int, cfg: SampleConfig | None = None, *, device="cpu", call
     done = [_sample_chunk(model, cfg, p, shape, k, min(n, (k + 1) * cfg.batch) - k * cfg.batch,
                           None if labels is None else labels[k * cfg.batch:(k + 1) * cfg.batch], device, callback, guide)
             for k in range(rank, count, world)]
-    x, calls, guided = [x for x, _, _ in done], max(c for _, c, _ in done) if done else 0, max(g for _, _, g in done) if done else 0
+    x = [chunk[0] for chunk in done]
+    calls, guided, energies = (max((chunk[j] for chunk in done), default=0) for j in (1, 2, 3))  # per batch
     if world > 1:
         x = distributed.gather_chunks(x, count, cfg.batch, n, torch.empty((0, *shape), device=device))
-        calls, guided = distributed.most(calls), distributed.most(guided)
+        calls, guided, energies = distributed.most(calls), distributed.most(guided), distributed.most(energies)
     x = torch.cat(x)
     if getattr(model, "encoder", None) is not None:  # a latent run's samples in pixels (encoder.py; pixels: identity)
         x = model.encoder.decode(x)
-    return Samples(x, labels, p, calls, guided, describe_guidance(cfg, auto=guide is not None))
+    return Samples(x, labels, p, calls, guided, describe_guidance(cfg, auto=guide is not None), energies)
 
 
 def _sample_chunk(model, cfg: SampleConfig, p: Plan, shape: tuple, k: int, n: int, labels, device, callback, guide):
-    """(x, denoiser calls, guided calls) of chunk k (n samples): x = sigma_max * N(0, I) from its
+    """(x, denoiser calls, guided calls, energy calls) of chunk k (n samples): x = sigma_max * N(0, I) from its
     generator (N(0, I) itself for a grid from sigma = inf), then the planned sampler on the guided denoiser."""
     D, wrapper = guided_denoiser(model, cfg, labels, device, guide)
     D = counted = Counted(D)  # what the sampler spent, also where the plan cannot know it (adaptive)
@@ -284,9 +289,10 @@ def _sample_chunk(model, cfg: SampleConfig, p: Plan, shape: tuple, k: int, n: in
         # (CFG batches [conditional; unconditional]; a guide model has its own head)
         options["variance"] = lambda x, s: (D(x, s), (model.head.v[:len(x)].to(x.dtype) + 1) / 2)
     if p.sampler == "mala" and "energy" not in options:  # log p of the model at the labels (checked above)
-        options["energy"] = lambda x, s: model.energy(x, s, labels)
+        options["energy"] = Counted(lambda x, s: model.energy(x, s, labels))
     g = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, k))
     x = initial_state(torch.randn((n, *shape), generator=g, device=device), p.sigmas[0].item(), model.preset.prior)
     with unchecked():  # the grid was checked once (plan); its levels need no check per call (a host-device sync each)
         x = SAMPLERS[p.sampler](D, x, p.sigmas.to(device), generator=g, callback=callback, **options)
-    return x, counted.calls, wrapper.guided if wrapper is not None else 0
+    energy = options.get("energy")
+    return x, counted.calls, wrapper.guided if wrapper is not None else 0, energy.calls if isinstance(energy, Counted) else 0

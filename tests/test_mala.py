@@ -156,6 +156,7 @@ def test_model_energy_is_the_potential_of_its_denoiser_and_sample_passes_it_to_m
     levels = []
     s = sample(model, 16, SampleConfig(sampler="mala", nfe=12, options={"n_steps": 2}), callback=levels.append)
     assert s.plan.nfe == s.evaluations == 12 and bool(torch.isfinite(s.x).all())
+    assert s.energies == 12 and "and 12 evaluations of the energy" in s.describe()  # once per denoiser call
     assert len(levels) == 4 and all(0 <= info["acceptance"] <= 1 for info in levels)
 
 
