@@ -242,22 +242,24 @@ class DiscreteVP(VPSchedule):
         i = torch.clamp(torch.ceil(u), 1, self.T).long()
         return i, u - (i - 1)
 
-    def _last(self, i: Tensor) -> Tensor:
-        """Where the interval index i is the last one of a zero-terminal-SNR chain (alpha linear there)."""
-        return (i == self.T) if self.zero_terminal_snr else torch.zeros_like(i, dtype=torch.bool)
+    def _on_last(self, i: Tensor, linear, other: Tensor) -> Tensor:
+        """`linear` where the interval index i is the last one of a zero-terminal-SNR chain (alpha is
+        linear there), `other` elsewhere; `other` itself for any other chain (no kernel spent on it).
+        `linear` is a function, called only for a zero-terminal-SNR chain."""
+        return torch.where(i == self.T, linear(), other) if self.zero_terminal_snr else other
 
     def log_alpha_bar(self, t) -> Tensor:
         t = self.check_t(t)
         i, frac = self._segment(t)
         knots = on_device(self, "log_alpha_bars", t.device)
         out = knots[i - 1] + frac * on_device(self, "log_one_minus_beta", t.device)[i - 1]
-        out = torch.where(self._last(i), knots[self.T - 1] + 2 * torch.log1p(-frac), out)  # alpha linear
+        out = self._on_last(i, lambda: knots[self.T - 1] + 2 * torch.log1p(-frac), out)  # alpha linear
         return out.to(t.dtype)
 
     def dlog_alpha_bar(self, t) -> Tensor:
         t = self.check_t(t)
         i, frac = self._segment(t)
-        out = torch.where(self._last(i), -2 * self.T / (1 - frac), self.T * on_device(self, "log_one_minus_beta", t.device)[i - 1])
+        out = self._on_last(i, lambda: -2 * self.T / (1 - frac), self.T * on_device(self, "log_one_minus_beta", t.device)[i - 1])
         return out.to(t.dtype)
 
     def dalpha(self, t) -> Tensor:
@@ -266,7 +268,7 @@ class DiscreteVP(VPSchedule):
         t = self.check_t(t)
         i, _ = self._segment(t)
         linear = -self.T * math.exp(0.5 * float(self.log_alpha_bars[self.T - 1]))  # a number: no copy to t's device
-        return torch.where(self._last(i), linear, super().dalpha(t))
+        return self._on_last(i, lambda: linear, super().dalpha(t))
 
     def _t_from_logsnr(self, lam: Tensor) -> Tensor:
         la = torch.nn.functional.logsigmoid(lam.to(torch.float64))  # log alpha-bar
@@ -274,7 +276,7 @@ class DiscreteVP(VPSchedule):
         # interval i with knots[i-1] >= la >= knots[i]
         i = torch.searchsorted(-knots, -la.contiguous(), right=False).clamp(1, self.T)
         t = ((i - 1) + (la - knots[i - 1]) / on_device(self, "log_one_minus_beta", lam.device)[i - 1]) / self.T
-        t = torch.where(self._last(i), (self.T - torch.exp(0.5 * (la - knots[self.T - 1]))) / self.T, t)
+        t = self._on_last(i, lambda: (self.T - torch.exp(0.5 * (la - knots[self.T - 1]))) / self.T, t)
         return t.to(lam.dtype)
 
     @classmethod
