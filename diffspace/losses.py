@@ -66,6 +66,10 @@ def convert_weight(w, src: str, dst: str, t, schedule: Schedule) -> Tensor:
     would be infinite, and raises ValueError; every other conversion stays finite and exact
     (the alpha factors of eps, score and energy cancel among themselves).
     """
+    if src == dst:  # k_src / k_dst = 1: w itself (broadcast to t), with no schedule evaluated
+        check_parameterization(src)
+        t = schedule.check_t(t)
+        return as_tensor(w) * torch.ones_like(t, dtype=t.dtype if t.is_floating_point() else torch.float64)
     (c_src, m_src), (c_dst, m_dst) = _error_scale(src, t, schedule), _error_scale(dst, t, schedule)
     alpha = schedule.alpha(as_tensor(t))
     if m_dst > m_src and checking() and bool((alpha == 0).any()):
