@@ -339,6 +339,9 @@ def ode_sigma_range(model, sigma_min: float = 0.002, sigma_max: float = 80.0) ->
     return max(sigma_min, low), min(sigma_max, high)
 
 
+NLL_CHUNK = 256  # held-out samples per likelihood chunk (one batch, its own seeds): the unit shared out across ranks
+
+
 def likelihood(model, test: Tensor, levels: int, *, vlb_steps=(0,), vlb_variance: str = "beta",
                pf_ode_steps: int | None = None, pf_ode_rtol: float = 1e-5, seed: int = 0) -> list[Row]:
     """Held-out likelihood of a train.Diffusion, per dimension: the variational bound on its chain
@@ -348,43 +351,72 @@ def likelihood(model, test: Tensor, levels: int, *, vlb_steps=(0,), vlb_variance
     process.reverse_variance; the row names it) and the probability-flow ODE NLL over
     ode_sigma_range (the row names the range): pf_ode_steps None (default) integrates with
     Dormand-Prince at rtol = atol = pf_ode_rtol and adds rows with the solver's error estimate and
-    NFE (pf_ode_nll); K > 0 takes K RK4 steps; 0 skips it. Quantized data (levels > 0): bits/dim
-    of the discrete values, the ODE's through uniform dequantization over each level's bin (an
-    upper bound); continuous data: nats/dim of the density."""
+    NFE (pf_ode_nll; the NFE of the costliest chunk); K > 0 takes K RK4 steps; 0 skips it. Quantized
+    data (levels > 0): bits/dim of the discrete values, the ODE's through uniform dequantization over
+    each level's bin (an upper bound); continuous data: nats/dim of the density.
+    The test samples go in chunks of NLL_CHUNK, chunk k with its own seeds (sampling.stream_seed of
+    `seed` and of 0 for the ODE's probe; chunk 0's are the seeds themselves): under torchrun rank r
+    computes chunks r, r + W, ... and every rank gets all the per-sample values, so the rows do not
+    depend on the number of processes (to the bit on the CPU)."""
     if pf_ode_steps is None:
         check_tolerances(pf_ode_rtol, pf_ode_rtol)
     if vlb_steps and not model.learned_variance and vlb_variance not in process.REVERSE_VARIANCES:
         raise ValueError(f"vlb_variance={vlb_variance!r}; allowed: {', '.join(process.REVERSE_VARIANCES)}")
+    dim = test[0].numel()
+    count, rank, world = -(-len(test) // NLL_CHUNK), distributed.rank(), distributed.world_size()
+    mine = [_likelihood_chunk(model, test[k * NLL_CHUNK:(k + 1) * NLL_CHUNK], k, levels, vlb_steps, vlb_variance,
+                              pf_ode_steps, pf_ode_rtol, seed) for k in range(rank, count, world)]
+    columns = len(vlb_steps) + (3 if pf_ode_steps != 0 else 0)
+    values = torch.cat(distributed.gather_chunks(mine, count, NLL_CHUNK, len(test),
+                                                 torch.empty((0, columns), dtype=torch.float64))).T.contiguous()
+    unit = "bits/dim" if levels else "nats/dim"
+    scale = 1 / (dim * math.log(2)) if levels else 1 / dim
+    rows: list[Row] = []
+    for j, steps in enumerate(vlb_steps):
+        sigma = "learned" if model.learned_variance else vlb_variance
+        rows += _mean_and_standard_error(f"NLL bound (VLB, {vlb_chain(model, steps).T} steps, Sigma {sigma}), {unit}",
+                                         values[j] * scale)
+    if pf_ode_steps != 0:
+        low, high = ode_sigma_range(model)
+        solver = f"{pf_ode_steps} RK4 steps" if pf_ode_steps else f"Dormand-Prince, rtol = atol = {pf_ode_rtol:g}"
+        name = f"NLL (probability-flow ODE, {solver}, sigma {low:g}..{high:g}), {unit}"
+        per_dim, error, nfe = values[-3:]
+        rows += _mean_and_standard_error(name, per_dim)
+        if not pf_ode_steps:
+            rows += [(f"{name}: solver error estimate", float(error.mean()) * scale, None),
+                     (f"{name}: solver NFE", float(nfe.max()), None)]
+    return rows
+
+
+def _likelihood_chunk(model, test: Tensor, k: int, levels: int, vlb_steps, vlb_variance: str,
+                      pf_ode_steps: int | None, pf_ode_rtol: float, seed: int) -> Tensor:
+    """`likelihood`'s per-sample values of chunk k, (len(test), columns) in float64: the bound in nats
+    on each chain of vlb_steps, then (unless pf_ode_steps = 0) the ODE's NLL per dimension, its error
+    estimate in nats (NaN for RK4) and the solver's NFE for the chunk (repeated on each row)."""
+    from .sampling import stream_seed
+
     x = test.double()
     dim = x[0].numel()
     denoiser = lambda z, s: model(z.float(), s.float()).double()  # noqa: E731
     variance = (lambda z, s: tuple(v.double() for v in model.denoise_with_variance(z.float(), s.float()))
                 ) if model.learned_variance else vlb_variance
-    unit = "bits/dim" if levels else "nats/dim"
-    scale = 1 / (dim * math.log(2)) if levels else 1 / dim
-    rows: list[Row] = []
+    columns = []
     with torch.no_grad():
         for steps in vlb_steps:
-            chain = vlb_chain(model, steps)
-            nats = model_vlb(denoiser if not model.learned_variance else None, x, chain, variance, levels,
-                             generator=torch.Generator().manual_seed(seed))
-            sigma = "learned" if model.learned_variance else vlb_variance
-            rows += _mean_and_standard_error(f"NLL bound (VLB, {chain.T} steps, Sigma {sigma}), {unit}", nats * scale)
+            columns.append(model_vlb(denoiser if not model.learned_variance else None, x, vlb_chain(model, steps),
+                                     variance, levels, generator=torch.Generator().manual_seed(stream_seed(seed, k))))
     if pf_ode_steps != 0:
         low, high = ode_sigma_range(model)
         if levels:  # uniform dequantization over each level's bin of width 2 / (levels - 1)
             width = 2 / (levels - 1)
-            u = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+            u = torch.rand(x.shape, generator=torch.Generator().manual_seed(stream_seed(seed, k)), dtype=x.dtype)
             x = x + (u - 0.5) * width
-        ode = pf_ode_nll(denoiser, x, low, high, steps=pf_ode_steps or 0, rtol=pf_ode_rtol, atol=pf_ode_rtol)
-        per_dim = dequantized_bits_per_dim(ode.nll, dim, width) if levels else ode.nll / dim
-        solver = f"{pf_ode_steps} RK4 steps" if pf_ode_steps else f"Dormand-Prince, rtol = atol = {pf_ode_rtol:g}"
-        name = f"NLL (probability-flow ODE, {solver}, sigma {low:g}..{high:g}), {unit}"
-        rows += _mean_and_standard_error(name, per_dim)
-        if ode.error is not None:
-            rows += [(f"{name}: solver error estimate", float(ode.error.mean()) * scale, None),
-                     (f"{name}: solver NFE", float(ode.nfe), None)]
-    return rows
+        ode = pf_ode_nll(denoiser, x, low, high, steps=pf_ode_steps or 0, rtol=pf_ode_rtol, atol=pf_ode_rtol,
+                         generator=torch.Generator(device=x.device).manual_seed(stream_seed(0, k)))
+        columns += [dequantized_bits_per_dim(ode.nll, dim, width) if levels else ode.nll / dim,
+                    ode.error if ode.error is not None else torch.full_like(ode.nll, math.nan),
+                    torch.full_like(ode.nll, ode.nfe)]
+    return torch.stack([c.double() for c in columns], 1) if columns else x.new_zeros((len(x), 0))
 
 
 def _mean_and_standard_error(name: str, per_sample: Tensor) -> list[Row]:
@@ -428,13 +460,12 @@ def evaluate_model(model, cfg, run: str, n: int = 2000, sample_cfg=None, nll_sam
         raise ValueError(f"data {cfg.data.spec!r} has samples of shape {tuple(data.x.shape[1:])}, the model "
                          f"{tuple(model.shape)}; measure it against data of its shape (data.spec)")
     s = sample(model, n, sample_cfg)
-    if not distributed.is_main():  # under torchrun: the samples are shared out, rank 0 measures them
+    nll = likelihood(model, test.x[:nll_samples], data.levels, vlb_steps=vlb_steps, vlb_variance=vlb_variance,
+                     pf_ode_steps=pf_ode_steps, pf_ode_rtol=pf_ode_rtol, seed=sample_cfg.seed) \
+        if nll_samples and not latent else []  # under torchrun: its chunks shared out too
+    if not distributed.is_main():  # rank 0 measures the samples
         return None
-    rows = sample_quality(s.x, data, labels=s.labels, seed=sample_cfg.seed, inception=inception)
-    if nll_samples and not latent:
-        rows += likelihood(model, test.x[:nll_samples], data.levels, vlb_steps=vlb_steps,
-                           vlb_variance=vlb_variance, pf_ode_steps=pf_ode_steps, pf_ode_rtol=pf_ode_rtol,
-                           seed=sample_cfg.seed)
+    rows = sample_quality(s.x, data, labels=s.labels, seed=sample_cfg.seed, inception=inception) + nll
     return {"run": run, "spec": cfg.data.spec, "n": n, "sampling": s.describe(), "sample_cfg": sample_cfg,
             "rows": rows, "model": model, "samples": s.x, "labels": s.labels, "data": data}
 

@@ -130,6 +130,43 @@ def test_sample_and_eval_sharded_equal_one_process_to_the_bit(tmp_path):
     assert (run / "eval.json").read_text() == sharded
 
 
+CHUNK_LOGGER = """
+import os
+import diffspace.evaluate as e
+
+e.NLL_CHUNK = 8
+chunk = e._likelihood_chunk
+
+
+def logged(model, test, k, *args):
+    open(LOG, "a").write(f"{os.environ.get('RANK', '-')} {k} {len(test)}\\n")
+    return chunk(model, test, k, *args)
+
+
+e._likelihood_chunk = logged
+"""
+
+
+def test_the_likelihood_of_eval_is_sharded_in_chunks_and_equals_one_process_to_the_bit(tmp_path, monkeypatch):
+    """eval's held-out likelihood goes in chunks of evaluate.NLL_CHUNK samples, each with its own seeds,
+    shared out across ranks: 3 chunks (of 8, 8 and 4 samples) over 2 processes give the rows of one
+    process, bit for bit (the chunk size lowered for the test by a sitecustomize that also logs who does which)."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "data.n=2000", "--steps", "5", "--out", str(run)]) == 0
+    log = tmp_path / "chunks.txt"
+    (tmp_path / "sitecustomize.py").write_text(CHUNK_LOGGER.replace("LOG", repr(str(log))))  # run by every process below
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    flags = ["-n", "16", "--nll-samples", "20", "--vlb-steps", "0,10"]  # and the adaptive ODE
+    r = torchrun(2, "eval", str(run), *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(log.read_text().splitlines()) == ["0 0 8", "0 2 4", "1 1 8"]  # rank r: chunks r, r + 2
+    sharded = (run / "eval.json").read_text()
+    r = subprocess.run([sys.executable, "-m", "diffspace", "eval", str(run), *flags], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "eval.json").read_text() == sharded and "NLL bound (VLB, 10 steps" in sharded and "solver NFE" in sharded
+
+
 def test_a_global_batch_the_ranks_cannot_share_is_one_line(tmp_path):
     r = torchrun(2, "train", *TINY, "train.batch_size=15", "--steps", "2", "--out", str(tmp_path / "r"))
     assert r.returncode != 0
