@@ -10,7 +10,8 @@
 #    in float32 on the CPU and on cuda:0 (TF32 off) against a float64 CPU reference; (b) 200 steps
 #    on the digits, same seed, on the CPU and on cuda:0: the two loss curves side by side (their
 #    noise streams differ: torch's CPU and CUDA generators are different algorithms, so the curves
-#    agree in distribution, not to rounding); the GPU run's checkpoint sampled on the CPU;
+#    agree in distribution, not to rounding); the GPU run's checkpoint sampled on the CPU; (c) that
+#    checkpoint sampled and evaluated (samples, likelihood) on the GPU (--device), and evaluated on the CPU;
 # 2. the fast path: the same run with bf16 autocast, channels_last and torch.compile, its loss
 #    against the float32 one;
 # 3. throughput: benchmarks/throughput.py on the CIFAR-10 U-Net (google/ddpm-cifar10-32 layout) in
@@ -20,7 +21,8 @@
 #    CIFAR-10's binary format: img/s of the whole training step, eager and compiled;
 #    4b. the host-device synchronisations per training step, counted by torch.cuda.set_sync_debug_mode;
 # 5. with two or more GPUs: torchrun --nproc_per_node 2 (NCCL) of run 1b, its loss curve against
-#    the one-GPU run (the same to float rounding: the global batch and its noise are the same).
+#    the one-GPU run (the same to float rounding: the global batch and its noise are the same), and
+#    eval sharded over the two GPUs (NCCL, its host-side agreements on gloo).
 # Each part has its own time limit and the script goes on after a failure (it says which).
 set -uo pipefail
 OUT="$(realpath -m "${1:-${OUT:-runs/gpu-check}}")"
@@ -83,6 +85,13 @@ half = len(a) // 2
 print(f"mean over the second half: cpu {sum(a[half:]) / len(a[half:]):.5f}, gpu {sum(b[half:]) / len(b[half:]):.5f}")
 EOF
 CUDA_VISIBLE_DEVICES="" timeout 60 python -m diffspace sample "$OUT/gpu" -n 16 --out "$OUT/gpu-on-cpu.png" || failed 1b-sample $?
+
+part "1c. sample and eval on $DEVICE (--device), and eval on the cpu beside it"
+timeout 60 python -m diffspace sample "$OUT/gpu" -n 256 --device "$DEVICE" --out "$OUT/gpu-samples.png" || failed 1c-sample $?
+for where in "$DEVICE" cpu; do
+  timeout 150 python -m diffspace eval "$OUT/gpu" -n 200 --nll-samples 32 --vlb-steps 100 --pf-ode-steps 8 --device "$where" \
+    | grep -E "FD \(digits|NLL bound|probability-flow ODE.*bits/dim \|" | sed "s/^/$where: /" || failed "1c-eval-$where" $?
+done
 fi
 
 COMPILE=$([ "$QUICK" = 1 ] && echo false || echo true)
@@ -164,6 +173,8 @@ if want 5 && [ "$GPUS" -ge 2 ]; then
   NVIDIA_TF32_OVERRIDE=0 timeout 300 torchrun --standalone --nproc_per_node 2 -m diffspace train "${RUN[@]}" \
     train.device=cuda --out "$OUT/gpu2" || failed 5 $?
   paste -d, <(cut -d, -f1,2 "$OUT/gpu/metrics.csv") <(cut -d, -f2 "$OUT/gpu2/metrics.csv") | tail -5
+  timeout 150 torchrun --standalone --nproc_per_node 2 -m diffspace eval "$OUT/gpu" -n 200 --nll-samples 300 --pf-ode-steps 8 \
+    --vlb-steps 100 --device cuda | grep -E "FD \(digits|NLL bound" || failed 5-eval $?
 elif want 5; then
   part "5. skipped: fewer than two GPUs"
 fi

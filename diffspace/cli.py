@@ -151,20 +151,23 @@ def cmd_sample(args) -> int:
     from .model import load_model
     from .plots import save_samples
     from .sampling import sample
+    from .train import resolve_device
 
     check_count("--n", args.n, 1)
-    model, cfg, _ = load_model(Path(args.run))
+    device = resolve_device(args.device, "--device")
+    model, cfg, _ = load_model(Path(args.run), device)
     acceptance = []  # mala's share of kept proposals, per noise level
-    distributed.init(torch.device("cpu"))  # under torchrun: the chunks are shared out, rank 0 writes
+    distributed.init(device)  # under torchrun: the chunks are shared out, rank 0 writes
     settings = sample_settings(args, cfg.sample)
-    s = sample(model, args.n, settings,
+    s = sample(model, args.n, settings, device=device,
                callback=lambda info: acceptance.append(info["acceptance"]) if "acceptance" in info else None)
     if not distributed.is_main():
         return 0
-    check_finite(s.x, "nothing was written")
+    x, labels = s.x.cpu(), None if s.labels is None else s.labels.cpu()
+    check_finite(x, "nothing was written")
     out = Path(args.out) if args.out else _run_folder(args.run) / "samples" / "sample.png"
-    save_samples(s.x, out, labels=s.labels)
-    arrays = {"x": s.x.numpy(), **({"labels": s.labels.numpy()} if s.labels is not None else {}),
+    save_samples(x, out, labels=labels)
+    arrays = {"x": x.numpy(), **({"labels": labels.numpy()} if labels is not None else {}),
               "sampler": np.array(s.plan.sampler), "steps": np.array(s.steps if s.steps is not None else -1),
               "nfe": np.array(s.evaluations)}  # steps -1: the sampler chose its own (adaptive)
     np.savez(out.with_suffix(".npz"), **arrays)
@@ -288,6 +291,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_model, markdown
     from .model import load_model
     from .samplers import check_tolerances
+    from .train import resolve_device
 
     check_count("--n", args.n, 2)
     check_count("--nll-samples", args.nll_samples, 0)
@@ -299,18 +303,21 @@ def cmd_eval(args) -> int:
     pf_ode_rtol = 1e-5 if args.pf_ode_rtol is None else args.pf_ode_rtol
     check_tolerances(pf_ode_rtol, pf_ode_rtol)
     vlb_steps = tuple(int(k) for k in args.vlb_steps.split(",") if k.strip()) if args.vlb_steps else ()
-    model, cfg, _ = load_model(args.run)
+    device = resolve_device(args.device, "--device")
+    model, cfg, _ = load_model(args.run, device)
     data_items = [item for item in args.set if item.startswith("data.")]
     if data_items and not is_diffusers_folder(args.run):
         raise ValueError(f"--set {data_items[0]!r}: a run is measured against its own data; data.KEY=VALUE is for a "
                          "diffusers folder, which has none (default data.spec=digits)")
     cfg = apply_overrides(cfg, data_items)
-    distributed.init(torch.device("cpu"))  # under torchrun: the samples' chunks are shared out, rank 0 measures
+    distributed.init(device)  # under torchrun: the samples' and the likelihood's chunks are shared out, rank 0 measures
     result = evaluate_model(model, cfg, args.run, n=args.n, sample_cfg=sample_settings(args, cfg.sample, data_too=True),
                             nll_samples=args.nll_samples, pf_ode_steps=args.pf_ode_steps, vlb_steps=vlb_steps,
-                            inception=args.inception, vlb_variance=args.vlb_variance, pf_ode_rtol=pf_ode_rtol)
+                            inception=args.inception, vlb_variance=args.vlb_variance, pf_ode_rtol=pf_ode_rtol,
+                            device=device)
     if result is None:  # another rank than 0: its share of the samples is with rank 0
         return 0
+    result["model"] = model.cpu()  # the figures' few evaluations, beside the data, on the CPU
     folder = _run_folder(args.run)
     figures = eval_figures(result, folder)
     text = markdown(result) + "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
@@ -392,6 +399,9 @@ def add_train_arguments(p, out: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+DEVICE_HELP = "auto (a GPU if there is one, else the CPU), cpu, cuda or cuda:N; under torchrun auto and cuda are cuda:LOCAL_RANK"
+
+
 def add_sampling_arguments(p) -> None:
     """The sampling flags of sample / edit / eval: each sets one key of the run's [sample] section."""
     p.add_argument("--sampler", help="sampler name (default: the run's, else the preset's solver); see `info`")
@@ -438,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("run", help="run folder, checkpoint (.json/.safetensors) or a diffusers save_pretrained folder")
     sa.add_argument("-n", "--n", type=int, default=64, help="number of samples")
     sa.add_argument("--out", help="PNG path (default: RUN/samples/sample.png)")
+    sa.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_sampling_arguments(sa)
     sa.set_defaults(func=cmd_sample)
     ed = sub.add_parser("edit", help="inpaint (--mask), SDEdit (--strength) or encode + decode (--invert) given inputs")
@@ -462,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="run folder, checkpoint or a diffusers folder (then --set data.spec=... names its data)")
     ev.add_argument("-n", "--n", type=int, default=2000, help="number of samples (default 2000)")
     ev.add_argument("--nll-samples", type=int, default=256, help="held-out samples for the likelihood (0: skip it)")
+    ev.add_argument("--device", default="auto", help=DEVICE_HELP)
     ev.add_argument("--vlb-steps", default="0,100", help="chains for the VLB: 0 = full, K = respaced to K steps (default 0,100)")
     ev.add_argument("--pf-ode-steps", type=int, metavar="K",
                     help="probability-flow ODE NLL with K fixed RK4 steps instead of the adaptive solver (0: skip it)")

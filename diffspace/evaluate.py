@@ -225,7 +225,7 @@ def check_finite(x: Tensor, consequence: str) -> None:
 
 
 def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int = 0, inception: str | None = None,
-                   feature_net=None) -> list[Row]:
+                   feature_net=None, device="cpu") -> list[Row]:
     """Measures of samples x against the real data, each next to its noise floor, the same measure
     between two independent real sets of the same size (real_sets: a, b): model = m(x, a), floor =
     m(b, a), with x cut to the size of a (a fixed random subset). Lower is better unless the name says 'higher'.
@@ -236,7 +236,7 @@ def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int =
     * digits: in the digits feature net (features.digits_metrics): FD_digits, precision, recall,
       classifier score, the confident share and the smallest class share;
     * images with `inception` (a local FID Inception weights file): FD_inception (the FID with
-      pytorch-fid's file), precision and recall in its features;
+      pytorch-fid's file), precision and recall in its features (the Inception net on `device`);
     * with the requested `labels` of conditional samples: `class_quality`."""
     check_finite(x, "no measure of them would mean anything")
     from .analytic import MIXTURES
@@ -266,7 +266,7 @@ def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int =
     if inception and data.kind == "images":
         from .features import inception_metrics
 
-        m, f = inception_metrics(x, a, inception), inception_metrics(b, a, inception)
+        m, f = inception_metrics(x, a, inception, device=device), inception_metrics(b, a, inception, device=device)
         rows += [("FD_inception (FID)", m["FD_inception"], f["FD_inception"]), ("precision, Inception (higher)",
                  m["precision"], f["precision"]), ("recall, Inception (higher)", m["recall"], f["recall"])]
     if labels is not None:
@@ -343,7 +343,7 @@ NLL_CHUNK = 256  # held-out samples per likelihood chunk (one batch, its own see
 
 
 def likelihood(model, test: Tensor, levels: int, *, vlb_steps=(0,), vlb_variance: str = "beta",
-               pf_ode_steps: int | None = None, pf_ode_rtol: float = 1e-5, seed: int = 0) -> list[Row]:
+               pf_ode_steps: int | None = None, pf_ode_rtol: float = 1e-5, seed: int = 0, device="cpu") -> list[Row]:
     """Held-out likelihood of a train.Diffusion, per dimension: the variational bound on its chain
     (vlb_chain; 0 = the full chain, K = respaced to K steps) with its own reverse variance (learned,
     else the fixed `vlb_variance`: default "beta" as Ho et al.'s code computes their reported bounds,
@@ -357,18 +357,20 @@ def likelihood(model, test: Tensor, levels: int, *, vlb_steps=(0,), vlb_variance
     The test samples go in chunks of NLL_CHUNK, chunk k with its own seeds (sampling.stream_seed of
     `seed` and of 0 for the ODE's probe; chunk 0's are the seeds themselves): under torchrun rank r
     computes chunks r, r + W, ... and every rank gets all the per-sample values, so the rows do not
-    depend on the number of processes (to the bit on the CPU)."""
+    depend on the number of processes (to the bit on the CPU). `device`: the model's, where the chunks run
+    (their random numbers drawn there, so the CPU's and a GPU's differ)."""
     if pf_ode_steps is None:
         check_tolerances(pf_ode_rtol, pf_ode_rtol)
     if vlb_steps and not model.learned_variance and vlb_variance not in process.REVERSE_VARIANCES:
         raise ValueError(f"vlb_variance={vlb_variance!r}; allowed: {', '.join(process.REVERSE_VARIANCES)}")
     dim = test[0].numel()
     count, rank, world = -(-len(test) // NLL_CHUNK), distributed.rank(), distributed.world_size()
-    mine = [_likelihood_chunk(model, test[k * NLL_CHUNK:(k + 1) * NLL_CHUNK], k, levels, vlb_steps, vlb_variance,
-                              pf_ode_steps, pf_ode_rtol, seed) for k in range(rank, count, world)]
+    mine = [_likelihood_chunk(model, test[k * NLL_CHUNK:(k + 1) * NLL_CHUNK].to(device), k, levels, vlb_steps,
+                              vlb_variance, pf_ode_steps, pf_ode_rtol, seed) for k in range(rank, count, world)]
     columns = len(vlb_steps) + (3 if pf_ode_steps != 0 else 0)
     values = torch.cat(distributed.gather_chunks(mine, count, NLL_CHUNK, len(test),
-                                                 torch.empty((0, columns), dtype=torch.float64))).T.contiguous()
+                                                 torch.empty((0, columns), dtype=torch.float64, device=device)))
+    values = values.cpu().T.contiguous()
     unit = "bits/dim" if levels else "nats/dim"
     scale = 1 / (dim * math.log(2)) if levels else 1 / dim
     rows: list[Row] = []
@@ -403,13 +405,14 @@ def _likelihood_chunk(model, test: Tensor, k: int, levels: int, vlb_steps, vlb_v
     columns = []
     with torch.no_grad():
         for steps in vlb_steps:
-            columns.append(model_vlb(denoiser if not model.learned_variance else None, x, vlb_chain(model, steps),
-                                     variance, levels, generator=torch.Generator().manual_seed(stream_seed(seed, k))))
+            columns.append(model_vlb(denoiser if not model.learned_variance else None, x, vlb_chain(model, steps), variance,
+                                     levels, generator=torch.Generator(device=x.device).manual_seed(stream_seed(seed, k))))
     if pf_ode_steps != 0:
         low, high = ode_sigma_range(model)
         if levels:  # uniform dequantization over each level's bin of width 2 / (levels - 1)
             width = 2 / (levels - 1)
-            u = torch.rand(x.shape, generator=torch.Generator().manual_seed(stream_seed(seed, k)), dtype=x.dtype)
+            u = torch.rand(x.shape, generator=torch.Generator(device=x.device).manual_seed(stream_seed(seed, k)),
+                           dtype=x.dtype, device=x.device)
             x = x + (u - 0.5) * width
         ode = pf_ode_nll(denoiser, x, low, high, steps=pf_ode_steps or 0, rtol=pf_ode_rtol, atol=pf_ode_rtol,
                          generator=torch.Generator(device=x.device).manual_seed(stream_seed(0, k)))
@@ -442,14 +445,15 @@ def evaluate_run(run: str, n: int = 2000, sample_cfg=None, nll_samples: int = 25
 
 def evaluate_model(model, cfg, run: str, n: int = 2000, sample_cfg=None, nll_samples: int = 256,
                    pf_ode_steps: int | None = None, vlb_steps=(0,), inception: str | None = None,
-                   vlb_variance: str = "beta", pf_ode_rtol: float = 1e-5) -> dict:
+                   vlb_variance: str = "beta", pf_ode_rtol: float = 1e-5, device="cpu") -> dict:
     """Sample n from a run's model as sample_cfg says (default: the run's own [sample] section of
     `cfg`) and measure them (sample_quality, each figure beside its noise floor; with class labels
     also class_quality), then the likelihood of nll_samples held-out samples (likelihood: the VLB on
     the chains `vlb_steps`, the probability-flow ODE with pf_ode_steps: None = adaptive, K = K RK4
     steps; 0 / () skips them; vlb_variance and pf_ode_rtol as in `likelihood`). A latent run (data.encoder)
     is measured on its decoded samples; its likelihood would be of the latents, not the pixels, and is
-    not reported."""
+    not reported. `device`: the model's, where sampling, the likelihood and the Inception features run;
+    the other measures run on the CPU."""
     from .sampling import sample
     from .train import load_data
 
@@ -459,15 +463,16 @@ def evaluate_model(model, cfg, run: str, n: int = 2000, sample_cfg=None, nll_sam
     if not latent and tuple(data.x.shape[1:]) != tuple(model.shape):
         raise ValueError(f"data {cfg.data.spec!r} has samples of shape {tuple(data.x.shape[1:])}, the model "
                          f"{tuple(model.shape)}; measure it against data of its shape (data.spec)")
-    s = sample(model, n, sample_cfg)
+    s = sample(model, n, sample_cfg, device=device)
     nll = likelihood(model, test.x[:nll_samples], data.levels, vlb_steps=vlb_steps, vlb_variance=vlb_variance,
-                     pf_ode_steps=pf_ode_steps, pf_ode_rtol=pf_ode_rtol, seed=sample_cfg.seed) \
+                     pf_ode_steps=pf_ode_steps, pf_ode_rtol=pf_ode_rtol, seed=sample_cfg.seed, device=device) \
         if nll_samples and not latent else []  # under torchrun: its chunks shared out too
     if not distributed.is_main():  # rank 0 measures the samples
         return None
-    rows = sample_quality(s.x, data, labels=s.labels, seed=sample_cfg.seed, inception=inception) + nll
+    x, labels = s.x.cpu(), None if s.labels is None else s.labels.cpu()
+    rows = sample_quality(x, data, labels=labels, seed=sample_cfg.seed, inception=inception, device=device) + nll
     return {"run": run, "spec": cfg.data.spec, "n": n, "sampling": s.describe(), "sample_cfg": sample_cfg,
-            "rows": rows, "model": model, "samples": s.x, "labels": s.labels, "data": data}
+            "rows": rows, "model": model, "samples": x, "labels": labels, "data": data}
 
 
 def markdown(result: dict) -> str:

@@ -140,7 +140,7 @@ def reflow(run: Path, out: Path, *, pairs: int = 10_000, steps: int | None = Non
     were made), then a new run trained in `out` on them (train.train; resume it with
     `diffspace train --resume OUT`). Every bad setting fails before the first pair is drawn. Returns
     train's summary with 'pairs' (the file) and 'plan' (the sampler used)."""
-    from .train import _device, init_weights, train
+    from .train import init_weights, resolve_device, train
 
     from .config import MAX_NFE
 
@@ -157,6 +157,6 @@ def reflow(run: Path, out: Path, *, pairs: int = 10_000, steps: int | None = Non
     check_pairs(new, pairs)
     init_weights(build_model(new.model, model.shape), str(source))  # the new [model] settings and their fit to RUN
     p = plan(model.preset, SampleConfig(sampler=sampler or cfg.sample.sampler, nfe=nfe))
-    write_pairs(model, out, p, pairs, seed, source, _device(new.train.device))
+    write_pairs(model, out, p, pairs, seed, source, resolve_device(new.train.device))
     summary = train(new, out, progress=progress)
     return {**summary, "pairs": out / PAIRS_FILE, "plan": p}

@@ -189,19 +189,22 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
-def _device(name: str) -> torch.device:
-    """train.device: auto (cuda if available), cpu, cuda or cuda:N; ValueError for others or a missing GPU."""
+def resolve_device(name: str, what: str = "train.device") -> torch.device:
+    """A device by name: auto (cuda if available), cpu, cuda or cuda:N; under torchrun auto and cuda are
+    this process's GPU, cuda:LOCAL_RANK (distributed.local_device). ValueError naming `what` (the
+    option it came from) for other names or a missing GPU."""
+    name = distributed.local_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"train.device={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+        raise ValueError(f"{what}={name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"train.device={name!r}; allowed: auto, cpu, cuda, cuda:N")
+        raise ValueError(f"{what}={name!r}; allowed: auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"train.device={name!r}, but this torch sees {torch.cuda.device_count()} CUDA devices "
-                         f"(CUDA build: {torch.version.cuda is not None}); use train.device=cpu or auto")
+        raise ValueError(f"{what}={name!r}, but this torch sees {torch.cuda.device_count()} CUDA devices "
+                         f"(CUDA build: {torch.version.cuda is not None}); use {what}=cpu or auto")
     return device
 
 
@@ -268,7 +271,7 @@ def _train(cfg: Config | None, run_dir: Path, stop: "StopSignals", *, resume: bo
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it or choose another folder")
     elif steps is not None:
         cfg.train.steps = steps
-    device = _device(distributed.local_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
     distributed.init(device)
     world = distributed.world_size()
     if cfg.train.batch_size % world:

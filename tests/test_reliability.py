@@ -115,6 +115,32 @@ def test_a_bad_or_missing_device_is_one_line(tmp_path, capsys, device, words):
     assert words in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_sample_and_eval_take_a_device_and_refuse_a_bad_one_in_one_line(tmp_path, capsys, command):
+    """--device auto (the default) is the GPU when there is one, here the CPU: the same samples as
+    --device cpu; a name that is not a device, or a GPU this torch cannot see, is one line, exit 2,
+    before anything is loaded or written."""
+    run = tmp_path / "r"
+    assert _train(run, "--steps", "3") == 0
+    extra = ["--nll-samples", "4", "--vlb-steps", "10", "-n", "8"] if command == "eval" else ["-n", "8"]
+    outputs = []
+    for device in ("cpu", "auto"):
+        target = ["--out", str(tmp_path / f"{device}.png")] if command == "sample" else []
+        assert main([command, str(run), *extra, "--device", device, *target]) == 0
+        outputs.append((tmp_path / f"{device}.npz").read_bytes() if command == "sample" else (run / "eval.json").read_text())
+    assert outputs[0] == outputs[1]
+    capsys.readouterr()
+    for device, words in (("bogus", "--device='bogus' is not a device"), ("mps", "allowed: auto, cpu, cuda"),
+                          ("cuda:7", "CUDA devices")):
+        if device == "cuda:7" and torch.cuda.device_count() > 7:
+            continue
+        assert main([command, str(run), *extra, "--device", device, "--out" if command == "sample" else "--set",
+                     str(tmp_path / "bad.png") if command == "sample" else "sample.seed=1"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad.png").exists()
+
+
 # -- checkpoints: verified, with fall-back ------------------------------------------------------------
 def _three_checkpoints(out):
     assert _train(out, "--steps", "12", "log.checkpoint_every=4", "log.keep=5") == 0
