@@ -266,7 +266,7 @@ def sample_quality(x: Tensor, data, *, labels: Tensor | None = None, seed: int =
     if inception and data.kind == "images":
         from .features import inception_metrics
 
-        m, f = inception_metrics(x, a, inception, device=device), inception_metrics(b, a, inception, device=device)
+        m, f = inception_metrics(x, a, inception, device=device, others=(b,))  # and the floor's: a's features once
         rows += [("FD_inception (FID)", m["FD_inception"], f["FD_inception"]), ("precision, Inception (higher)",
                  m["precision"], f["precision"]), ("recall, Inception (higher)", m["recall"], f["recall"])]
     if labels is not None:

@@ -314,14 +314,20 @@ def inception_features(net: nn.Module, images, batch_size: int = 50) -> Tensor:
     return torch.cat(out)
 
 
-def inception_metrics(samples, real, weights_path, batch_size: int = 50, k: int = 3, device=None) -> dict:
+def inception_metrics(samples, real, weights_path, batch_size: int = 50, k: int = 3, device=None, others=()):
     """Images (N, 1 or 3, H, W) in [-1, 1] against real ones in the FID Inception's pool3 features:
     FD_inception (the FID when weights_path is pytorch-fid's pt_inception-2015-12-05-6726825d.pth)
     and k-NN precision / recall (Kynkaanniemi et al. 2019 used VGG-16 features; these use Inception's).
-    device: where the net runs (default: that of `samples`, CPU for arrays)."""
+    device: where the net runs (default: that of `samples`, CPU for arrays). A dict; with `others`,
+    further sets of images measured against the same real ones (the net loaded and the real features
+    computed once), a list of dicts, samples' first."""
     net = load_inception(weights_path)
     net.to(device if device is not None else getattr(samples, "device", "cpu"))
-    fake, ref = inception_features(net, samples, batch_size), inception_features(net, real, batch_size)
-    precision, recall = precision_recall(ref, fake, k)
-    return {"n": len(fake), "n_real": len(ref), "FD_inception": frechet_distance_of(fake, ref),
-            "precision": precision, "recall": recall, "weights": Path(weights_path).name}
+    ref = inception_features(net, real, batch_size)
+    results = []
+    for images in (samples, *others):
+        fake = inception_features(net, images, batch_size)
+        precision, recall = precision_recall(ref, fake, k)
+        results.append({"n": len(fake), "n_real": len(ref), "FD_inception": frechet_distance_of(fake, ref),
+                        "precision": precision, "recall": recall, "weights": Path(weights_path).name})
+    return results if others else results[0]

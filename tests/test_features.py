@@ -263,6 +263,10 @@ def test_inception_metrics_from_a_weights_file(inception, small_inputs, tmp_path
     same = features.inception_metrics(real, real.clone(), tmp_path / "w.safetensors", batch_size=4)
     assert (same["precision"], same["recall"], same["n"]) == (1.0, 1.0, 6)
     assert same["FD_inception"] == pytest.approx(0, abs=1e-9) and same["weights"] == "w.safetensors"
+    other = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1  # eval's floor set
+    both = features.inception_metrics(real, real.clone(), tmp_path / "w.safetensors", batch_size=4, others=(other,))
+    alone = features.inception_metrics(other, real.clone(), tmp_path / "w.safetensors", batch_size=4)
+    assert both == [same, alone] and alone["n"] == 5
 
 
 def test_inception_missing_file_is_one_line(tmp_path):
