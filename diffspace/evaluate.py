@@ -467,10 +467,10 @@ def evaluate_model(model, cfg, run: str, n: int = 2000, sample_cfg=None, nll_sam
     nll = likelihood(model, test.x[:nll_samples], data.levels, vlb_steps=vlb_steps, vlb_variance=vlb_variance,
                      pf_ode_steps=pf_ode_steps, pf_ode_rtol=pf_ode_rtol, seed=sample_cfg.seed, device=device) \
         if nll_samples and not latent else []  # under torchrun: its chunks shared out too
-    if not distributed.is_main():  # rank 0 measures the samples
-        return None
-    x, labels = s.x.cpu(), None if s.labels is None else s.labels.cpu()
+    x, labels = s.x.cpu(), None if s.labels is None else s.labels.cpu()  # all n on every rank
     rows = sample_quality(x, data, labels=labels, seed=sample_cfg.seed, inception=inception, device=device) + nll
+    if not distributed.is_main():  # every rank measured (the Inception features are shared out); rank 0 reports
+        return None
     return {"run": run, "spec": cfg.data.spec, "n": n, "sampling": s.describe(), "sample_cfg": sample_cfg,
             "rows": rows, "model": model, "samples": x, "labels": labels, "data": data}
 

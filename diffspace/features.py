@@ -304,14 +304,19 @@ def digits_metrics(samples, real, net: DigitsFeatureNet | None = None, k: int = 
 # -- Inception (FID) ---------------------------------------------------------------------------------
 def inception_features(net: nn.Module, images, batch_size: int = 50) -> Tensor:
     """Pool3 features (N, 2048) float64 of images (N, 1 or 3, H, W) in [-1, 1] (clamped), in batches,
-    on the net's device."""
+    on the net's device. Under torchrun the batches are shared out (rank r: batches r, r + W, ...) and
+    gathered: every rank returns all the features, the same as one process's."""
+    from . import distributed
+
     device = next(net.parameters()).device
     x = torch.as_tensor(images).detach()
-    out = []
+    count, mine = -(-len(x) // batch_size), []
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            out.append(net(x[i:i + batch_size].to(device, torch.float32).clamp(-1, 1)).to("cpu", F64))
-    return torch.cat(out)
+        for i in range(distributed.rank(), count, distributed.world_size()):
+            mine.append(net(x[i * batch_size:(i + 1) * batch_size].to(device, torch.float32).clamp(-1, 1)).to(F64))
+    dim = distributed.most(mine[0].shape[1] if mine else 0)  # a rank with no batch learns the features' size
+    return torch.cat(distributed.gather_chunks(mine, count, batch_size, len(x),
+                                               torch.empty((0, dim), dtype=F64, device=device))).cpu()
 
 
 def inception_metrics(samples, real, weights_path, batch_size: int = 50, k: int = 3, device=None, others=()):

@@ -167,6 +167,37 @@ def test_the_likelihood_of_eval_is_sharded_in_chunks_and_equals_one_process_to_t
     assert (run / "eval.json").read_text() == sharded and "NLL bound (VLB, 10 steps" in sharded and "solver NFE" in sharded
 
 
+FEATURES = """
+import sys, torch
+from diffspace import distributed
+from diffspace.features import inception_features
+distributed.init(torch.device("cpu"))
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 7))  # a stand-in for Inception
+images = torch.rand(23, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+calls = []
+net.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+features = inception_features(net, images, batch_size=5)
+torch.save((features, calls), f"{sys.argv[1]}.{distributed.rank()}.{distributed.world_size()}")
+"""
+
+
+def test_the_inception_features_of_fid_are_shared_out_and_equal_one_process_to_the_bit(tmp_path):
+    """23 images in batches of 5 over 2 processes: rank 0 runs batches 0, 2, 4, rank 1 batches 1, 3, and
+    both get all 23 features, equal to one process's."""
+    script, out = tmp_path / "features.py", tmp_path / "f"
+    script.write_text(FEATURES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=120, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                          str(out)], capture_output=True, text=True, timeout=120, env=env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    (alone, calls), (first, calls0), (second, calls1) = (torch.load(f"{out}.{r}") for r in ("0.1", "0.2", "1.2"))
+    assert alone.shape == (23, 7) and alone.dtype == torch.float64 and calls == [5, 5, 5, 5, 3]
+    assert calls0 == [5, 5, 3] and calls1 == [5, 5]
+    assert torch.equal(first, alone) and torch.equal(second, alone)
+
+
 def test_a_global_batch_the_ranks_cannot_share_is_one_line(tmp_path):
     r = torchrun(2, "train", *TINY, "train.batch_size=15", "--steps", "2", "--out", str(tmp_path / "r"))
     assert r.returncode != 0
