@@ -364,20 +364,20 @@ def likelihood(model, test: Tensor, levels: int, *, vlb_steps=(0,), vlb_variance
     if vlb_steps and not model.learned_variance and vlb_variance not in process.REVERSE_VARIANCES:
         raise ValueError(f"vlb_variance={vlb_variance!r}; allowed: {', '.join(process.REVERSE_VARIANCES)}")
     dim = test[0].numel()
+    chains = [vlb_chain(model, steps) for steps in vlb_steps]  # built once: their tables copied to `device` once
     count, rank, world = -(-len(test) // NLL_CHUNK), distributed.rank(), distributed.world_size()
-    mine = [_likelihood_chunk(model, test[k * NLL_CHUNK:(k + 1) * NLL_CHUNK].to(device), k, levels, vlb_steps,
+    mine = [_likelihood_chunk(model, test[k * NLL_CHUNK:(k + 1) * NLL_CHUNK].to(device), k, levels, chains,
                               vlb_variance, pf_ode_steps, pf_ode_rtol, seed) for k in range(rank, count, world)]
-    columns = len(vlb_steps) + (3 if pf_ode_steps != 0 else 0)
+    columns = len(chains) + (3 if pf_ode_steps != 0 else 0)
     values = torch.cat(distributed.gather_chunks(mine, count, NLL_CHUNK, len(test),
                                                  torch.empty((0, columns), dtype=torch.float64, device=device)))
     values = values.cpu().T.contiguous()
     unit = "bits/dim" if levels else "nats/dim"
     scale = 1 / (dim * math.log(2)) if levels else 1 / dim
+    sigma = "learned" if model.learned_variance else vlb_variance
     rows: list[Row] = []
-    for j, steps in enumerate(vlb_steps):
-        sigma = "learned" if model.learned_variance else vlb_variance
-        rows += _mean_and_standard_error(f"NLL bound (VLB, {vlb_chain(model, steps).T} steps, Sigma {sigma}), {unit}",
-                                         values[j] * scale)
+    for j, chain in enumerate(chains):
+        rows += _mean_and_standard_error(f"NLL bound (VLB, {chain.T} steps, Sigma {sigma}), {unit}", values[j] * scale)
     if pf_ode_steps != 0:
         low, high = ode_sigma_range(model)
         solver = f"{pf_ode_steps} RK4 steps" if pf_ode_steps else f"Dormand-Prince, rtol = atol = {pf_ode_rtol:g}"
@@ -390,10 +390,10 @@ def likelihood(model, test: Tensor, levels: int, *, vlb_steps=(0,), vlb_variance
     return rows
 
 
-def _likelihood_chunk(model, test: Tensor, k: int, levels: int, vlb_steps, vlb_variance: str,
+def _likelihood_chunk(model, test: Tensor, k: int, levels: int, chains, vlb_variance: str,
                       pf_ode_steps: int | None, pf_ode_rtol: float, seed: int) -> Tensor:
     """`likelihood`'s per-sample values of chunk k, (len(test), columns) in float64: the bound in nats
-    on each chain of vlb_steps, then (unless pf_ode_steps = 0) the ODE's NLL per dimension, its error
+    on each of the chains, then (unless pf_ode_steps = 0) the ODE's NLL per dimension, its error
     estimate in nats (NaN for RK4) and the solver's NFE for the chunk (repeated on each row)."""
     from .sampling import stream_seed
 
@@ -404,9 +404,9 @@ def _likelihood_chunk(model, test: Tensor, k: int, levels: int, vlb_steps, vlb_v
                 ) if model.learned_variance else vlb_variance
     columns = []
     with torch.no_grad():
-        for steps in vlb_steps:
-            columns.append(model_vlb(denoiser if not model.learned_variance else None, x, vlb_chain(model, steps), variance,
-                                     levels, generator=torch.Generator(device=x.device).manual_seed(stream_seed(seed, k))))
+        for chain in chains:
+            columns.append(model_vlb(denoiser if not model.learned_variance else None, x, chain, variance, levels,
+                                     generator=torch.Generator(device=x.device).manual_seed(stream_seed(seed, k))))
     if pf_ode_steps != 0:
         low, high = ode_sigma_range(model)
         if levels:  # uniform dequantization over each level's bin of width 2 / (levels - 1)

@@ -393,11 +393,12 @@ class ImportanceSampler(torch.nn.Module):
         start = torch.cumsum(m, 0) - m  # where row i's new losses begin in `new`
         total = self.count + m
         kept = total.clamp(max=H)
-        q = torch.arange(H, device=i.device) + (total - kept)[:, None]  # position in the row's sequence
+        slot = torch.arange(H, device=i.device)
+        q = slot + (total - kept)[:, None]  # position in the row's sequence
         old = q < self.count[:, None]
         value = torch.where(old, self.history.gather(1, q.clamp(max=H - 1)),
                             new[(start[:, None] + q - self.count[:, None]).clamp(0, len(new) - 1)])
-        self.history.copy_(torch.where(torch.arange(H, device=i.device) < kept[:, None], value, self.history))
+        self.history.copy_(torch.where(slot < kept[:, None], value, self.history))
         self.count.copy_(kept)
 
 
